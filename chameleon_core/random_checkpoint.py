@@ -9,7 +9,8 @@ Token ids differ from the real checkpoint's on purpose (image codes do not start
 that anything that finds tokens by id instead of by name fails on these checkpoints.
 
 Weights are N(0, std) with std chosen so logits are well separated: linear layers use
-`init_scale / sqrt(fan_in)` (init_scale 1.0 by default), embeddings N(0, 1), norm weights 1 + N(0, 0.1)
+`init_scale / sqrt(fan_in)` (init_scale 1.0 by default), lm_head 4x that (logits of std ~4, far from
+ties), embeddings N(0, 1), norm weights 1 + N(0, 0.1)
 and norm biases N(0, 0.1), so per-head qk-norm rows differ and a loader that drops them is caught.
 """
 
@@ -164,7 +165,8 @@ def random_weights(config: ChameleonConfig, generator: torch.Generator, init_sca
         yield f"{p}.input_layernorm.weight", norm_weight(d)
         yield f"{p}.post_attention_layernorm.weight", norm_weight(d)
     yield "model.norm.weight", norm_weight(d)
-    yield "lm_head.weight", linear(config.vocab_size, d)
+    # Logits with std ~4 keep greedy choices far from ties, so parity checks on tokens are meaningful.
+    yield "lm_head.weight", normal(config.vocab_size, d, std=4 * init_scale / math.sqrt(d))
     yield from random_vq_weights(config.vq, generator)
 
 
