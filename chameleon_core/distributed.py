@@ -40,7 +40,12 @@ class TPGroup:
         if self.backend == "nccl":
             mine = mine.cuda()
         parts = [torch.empty_like(mine) for _ in range(self.world_size)]
-        dist.all_gather(parts, mine, group=self.group)
+        try:
+            dist.all_gather(parts, mine, group=self.group)
+        except RuntimeError as exc:  # a peer that left, or one that believes in another world size
+            raise TensorParallelError(
+                f"rank {self.rank}/{self.world_size}: peers did not answer while checking {what} ({exc})"
+            ) from exc
         seen = [p.tolist() for p in parts]
         if any(s != seen[0] for s in seen):
             raise TensorParallelError(f"ranks disagree on {what}: {seen} (one list per rank)")
