@@ -1,0 +1,280 @@
+"""The Ray Data stages: CPU preprocessing, accelerator generation (optionally tensor-parallel).
+
+Both stages are callable classes for `Dataset.map_batches` on pyarrow batches. A row never fails a
+batch: anything wrong with it (unreadable image, bad prompt, too long) becomes its `error` value,
+and it flows on to the output with the rest.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from chameleon_core import ChameleonError, SamplingParams, TensorParallelError
+from chameleon_core.sampling import row_seed
+from pipeline.storage import ImageResolver, ImageSourceError, StorageOptions
+from pipeline.units import SOURCE
+
+# Columns added by the preprocessing stage and consumed by the generation stage.
+PROMPT_IDS, PIXELS, NUM_IMAGES, ERROR = "_prompt_ids", "_pixels", "_num_images", "error"
+T_PRE, T_GEN = "_t_preprocess", "_t_generate"
+OUTPUT_COLUMNS = ("caption", "error", "finish_reason", "num_prompt_tokens", "num_generated_tokens")
+
+
+def format_error(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    model: str
+    id_column: str
+    image_column: str
+    prompt: str
+    prompt_column: str | None
+    template_columns: tuple[str, ...]
+    text_completion: bool
+    max_new_tokens: int
+    storage: StorageOptions
+    allow_local_paths: bool
+    max_image_pixels: int
+    max_image_bytes: int
+
+
+class PreprocessStage:
+    """Decode images, convert/resize/crop them to uint8, and tokenize the prompt (CPU actor)."""
+
+    def __init__(self, config: PreprocessConfig):
+        from chameleon_core import ChameleonConfig
+        from chameleon_core.processor import ChameleonProcessor
+
+        self.config = config
+        model_config = ChameleonConfig.from_pretrained(config.model)
+        self.max_positions = model_config.max_position_embeddings
+        self.processor = ChameleonProcessor.from_pretrained(
+            config.model, model_config, max_pixels=config.max_image_pixels, max_bytes=config.max_image_bytes
+        )
+        self.resolver = ImageResolver(config.storage, config.allow_local_paths, config.max_image_bytes)
+
+    def prompt_text(self, row: dict[str, Any]) -> str:
+        cfg = self.config
+        if cfg.prompt_column:
+            value = row.get(cfg.prompt_column)
+            if value is None:
+                raise ValueError(f"prompt column {cfg.prompt_column!r} is null")
+            return str(value)
+        text = cfg.prompt
+        for name in cfg.template_columns:
+            text = text.replace("{" + name + "}", "" if row.get(name) is None else str(row[name]))
+        return text
+
+    def process_row(self, row: dict[str, Any]) -> tuple[list[int], bytes, int]:
+        cfg = self.config
+        images = self.resolver.images(row.get(cfg.image_column), row.get(SOURCE) or "")
+        ids = self.processor.prompt_ids(self.prompt_text(row), len(images), cfg.text_completion, name="prompt")
+        if len(ids) + cfg.max_new_tokens > self.max_positions:
+            raise ValueError(
+                f"prompt has {len(ids)} tokens; with max_new_tokens={cfg.max_new_tokens} it exceeds the "
+                f"model's context of {self.max_positions}"
+            )
+        crops = [self.processor.image_preprocessor.crop(data, name=f"image {j}") for j, data in enumerate(images)]
+        pixels = b"".join(c.tobytes() for c in crops)
+        return ids, pixels, len(crops)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        start = time.perf_counter()
+        rows = batch.to_pylist()
+        prompt_ids, pixels, counts, errors = [], [], [], []
+        for row in rows:
+            try:
+                ids, data, n = self.process_row(row)
+                prompt_ids.append(ids)
+                pixels.append(data)
+                counts.append(n)
+                errors.append(None)
+            except (ChameleonError, ImageSourceError, ValueError, OSError) as exc:
+                prompt_ids.append(None)
+                pixels.append(None)
+                counts.append(0)
+                errors.append(format_error(exc))
+        out = batch.drop_columns([self.config.image_column])
+        elapsed = (time.perf_counter() - start) / max(1, len(rows))
+        for name, values, typ in (
+            (PROMPT_IDS, prompt_ids, pa.list_(pa.int32())),
+            (PIXELS, pixels, pa.large_binary()),
+            (NUM_IMAGES, counts, pa.int32()),
+            (ERROR, errors, pa.string()),
+            (T_PRE, [elapsed] * len(rows), pa.float64()),
+        ):
+            out = out.append_column(name, pa.array(values, typ))
+        return out
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    model: str
+    id_column: str
+    device: str
+    dtype: str
+    tp: int
+    batch_size: int
+    sampling: SamplingParams
+    save_token_ids: bool
+    torch_threads: int | None
+    compile: bool
+    rank_resources: dict[str, float]
+
+
+class EngineRunner:
+    """One rank's engine. Rank 0 returns results; other ranks only take part in the collectives."""
+
+    def __init__(self, config: GenerateConfig, rank: int = 0, address: str | None = None):
+        import torch
+
+        from chameleon_core import ChameleonEngine
+        from chameleon_core.distributed import init_tp_group
+
+        threads = config.torch_threads or max(1, (os.cpu_count() or 1) // config.tp)
+        if config.device == "cpu":
+            torch.set_num_threads(threads)
+        device = "cuda:0" if config.device == "cuda" else "cpu"  # Ray exposes exactly one GPU per rank
+        self.tp = init_tp_group(rank, config.tp, address, device=device) if config.tp > 1 else None
+        self.engine = ChameleonEngine.from_pretrained(config.model, device=device, dtype=config.dtype, tp=self.tp)
+        self.config = config
+        self.crop_shape = (3, *self.engine.processor.image_preprocessor.output_size)
+
+    def ready(self) -> bool:
+        return True
+
+    def run(self, prompts: list[list[int]], pixels: list[bytes], seeds: list[int] | None):
+        crops = []
+        for data in pixels:
+            if data:
+                crops.extend(np.frombuffer(data, dtype=np.uint8).reshape(-1, *self.crop_shape))
+        filled = self.engine.fill_images(prompts, crops)
+        result = self.engine.generate_ids(filled, self.config.sampling, seeds)
+        return result if self.tp is None or self.tp.rank == 0 else None
+
+
+def _rank_worker_class():
+    import ray
+
+    @ray.remote
+    class RankWorker:
+        def __init__(self, config: GenerateConfig, rank: int, address: str):
+            self.runner = EngineRunner(config, rank, address)
+
+        def ready(self) -> bool:
+            return True
+
+        def run(self, prompts, pixels, seeds):
+            return self.runner.run(prompts, pixels, seeds)
+
+    return RankWorker
+
+
+class GenerateStage:
+    """VQ-encode images, generate on length-sorted micro-batches, detokenize (one actor per replica).
+
+    With tp > 1 this actor is rank 0 and starts ranks 1..tp-1 as child actors; the placement group it
+    was scheduled into (STRICT_PACK, one bundle per rank) captures them on the same node.
+    """
+
+    def __init__(self, config: GenerateConfig):
+        self.config = config
+        self.helpers: list[Any] = []
+        address = None
+        if config.tp > 1:
+            import ray
+
+            from chameleon_core.distributed import free_port
+
+            host = ray.util.get_node_ip_address()
+            address = f"{host}:{free_port(host)}"
+            worker = _rank_worker_class()
+            self.helpers = [
+                worker.options(**config.rank_resources).remote(config, rank, address)
+                for rank in range(1, config.tp)
+            ]
+        self.runner = EngineRunner(config, 0, address)
+        if self.helpers:
+            import ray
+
+            ray.get([h.ready.remote() for h in self.helpers])
+        self.tokenizer = self.runner.engine.tokenizer
+
+    def _generate(self, prompts, pixels, seeds):
+        if not self.helpers:
+            return self.runner.run(prompts, pixels, seeds)
+        import ray
+
+        refs = [h.run.remote(prompts, pixels, seeds) for h in self.helpers]
+        result = self.runner.run(prompts, pixels, seeds)
+        ray.get(refs)
+        return result
+
+    def _seeds(self, ids: list[Any]) -> list[int] | None:
+        if self.config.sampling.greedy:
+            return None
+        return [row_seed(self.config.sampling.seed, str(i)) for i in ids]
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        n = batch.num_rows
+        errors = batch.column(ERROR).to_pylist()
+        prompts = batch.column(PROMPT_IDS).to_pylist()
+        pixels = batch.column(PIXELS).to_pylist()
+        ids = batch.column(self.config.id_column).to_pylist()
+        captions: list[str | None] = [None] * n
+        reasons = ["error"] * n
+        generated: list[list[int] | None] = [None] * n
+        prompt_lens = [len(p) if p is not None else None for p in prompts]
+        t_gen = [0.0] * n
+        # Length-sorted micro-batches keep padding small when prompts differ in length.
+        todo = sorted((i for i in range(n) if errors[i] is None), key=lambda i: prompt_lens[i])
+        size = self.config.batch_size
+        for start in range(0, len(todo), size):
+            chunk = todo[start : start + size]
+            t0 = time.perf_counter()
+            for i, outcome in zip(chunk, self._run_chunk(chunk, prompts, pixels, ids)):
+                if isinstance(outcome, str):
+                    errors[i] = outcome
+                else:
+                    generated[i], reasons[i] = outcome
+            per_row = (time.perf_counter() - t0) / len(chunk)
+            for i in chunk:
+                t_gen[i] = per_row
+        done = [i for i in range(n) if generated[i] is not None]
+        for i, text in zip(done, self.tokenizer.decode_batch([generated[i] for i in done])):
+            captions[i] = text
+        out = batch.drop_columns([PROMPT_IDS, PIXELS, ERROR])
+        columns = {
+            "caption": pa.array(captions, pa.string()),
+            ERROR: pa.array(errors, pa.string()),
+            "finish_reason": pa.array(reasons, pa.string()),
+            "num_prompt_tokens": pa.array(prompt_lens, pa.int32()),
+            "num_generated_tokens": pa.array([len(g) if g is not None else None for g in generated], pa.int32()),
+            T_GEN: pa.array(t_gen, pa.float64()),
+        }
+        if self.config.save_token_ids:
+            columns["output_token_ids"] = pa.array(generated, pa.list_(pa.int32()))
+        for name, values in columns.items():
+            out = out.append_column(name, values)
+        return out
+
+    def _run_chunk(self, chunk, prompts, pixels, ids):
+        """(tokens, finish_reason) per row, or an error string; a failing batch is retried row by row."""
+        try:
+            result = self._generate([prompts[i] for i in chunk], [pixels[i] for i in chunk],
+                                    self._seeds([ids[i] for i in chunk]))
+            return list(zip(result.token_ids, result.finish_reasons))
+        except TensorParallelError:
+            raise  # the replica itself is broken: let Ray restart the actor and retry the batch
+        except (ChameleonError, ValueError, RuntimeError) as exc:
+            if len(chunk) == 1:
+                return [format_error(exc)]
+            return [self._run_chunk([i], prompts, pixels, ids)[0] for i in chunk]
