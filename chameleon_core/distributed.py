@@ -51,7 +51,13 @@ class TPGroup:
             raise TensorParallelError(f"ranks disagree on {what}: {seen} (one list per rank)")
 
     def close(self) -> None:
+        # Tearing down gloo while a peer is still inside its last collective aborts the process
+        # ("terminate called without an active exception"), so leave together.
         if dist.is_initialized():
+            try:
+                dist.barrier(group=self.group)
+            except RuntimeError:
+                pass  # a peer already gone: nothing left to wait for
             dist.destroy_process_group()
 
 

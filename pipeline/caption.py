@@ -15,7 +15,6 @@ import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +50,7 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         return
     pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
     ray.init(
+        address="local",  # an embedded cluster, never one that happens to run on this machine
         num_cpus=num_cpus,
         include_dashboard=False,
         _node_ip_address="127.0.0.1",
@@ -72,14 +72,44 @@ def _rank_resources(options: CaptionOptions) -> dict[str, float]:
     return {"num_cpus": 1.0 if options.tp == 1 else 0.5}
 
 
-def _tp_placement(tp: int, bundle: dict[str, float]) -> dict[str, Any]:
-    """Scheduling strategy for one replica: a STRICT_PACK placement group of `tp` rank bundles."""
-    import ray
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+class TPPlacement:
+    """Scheduling for tensor-parallel replicas: one STRICT_PACK placement group of `tp` rank bundles each.
 
-    resources = {"CPU": bundle.get("num_cpus", 0), "GPU": bundle.get("num_gpus", 0)}
-    pg = ray.util.placement_group([{k: v for k, v in resources.items() if v}] * tp, strategy="STRICT_PACK")
-    return {"scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_capture_child_tasks=True)}
+    Ray Data calls this for every replica it starts (restarts included). The groups belong to the
+    driver, so they are recorded here and released when the job ends; a driver that builds its own
+    pipeline with `build_caption_dataset` calls `release_placement_groups()` once it has consumed it.
+    """
+
+    def __init__(self, tp: int, bundle: dict[str, float]):
+        resources = {"CPU": bundle.get("num_cpus", 0), "GPU": bundle.get("num_gpus", 0)}
+        self.bundles = [{k: v for k, v in resources.items() if v}] * tp
+        self.groups: list = []
+
+    def __call__(self) -> dict[str, Any]:
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        pg = ray.util.placement_group(self.bundles, strategy="STRICT_PACK")
+        self.groups.append(pg)
+        return {"scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_capture_child_tasks=True)}
+
+    def release(self) -> None:
+        import ray
+
+        while self.groups:
+            try:
+                ray.util.remove_placement_group(self.groups.pop())
+            except Exception:  # already gone with its cluster
+                pass
+
+
+_placements: list[TPPlacement] = []
+
+
+def release_placement_groups() -> None:
+    """Free the placement groups of tensor-parallel replicas started by `build_caption_dataset`."""
+    while _placements:
+        _placements.pop().release()
 
 
 def preprocess_config(options: CaptionOptions) -> PreprocessConfig:
@@ -124,7 +154,9 @@ def build_caption_dataset(ds, options: CaptionOptions):
     rank = _rank_resources(options)
     extra: dict[str, Any] = {}
     if options.tp > 1:
-        extra["ray_remote_args_fn"] = partial(_tp_placement, options.tp, rank)
+        placement = TPPlacement(options.tp, rank)
+        _placements.append(placement)
+        extra["ray_remote_args_fn"] = placement
     with warnings.catch_warnings():
         # Ray 2.60 marks ray_remote_args_fn deprecated; ray.data.llm itself still uses it for TP placement.
         warnings.simplefilter("ignore")
@@ -200,7 +232,10 @@ def run_caption_job(
 
     stats = _RunStats()
     if pending:
-        stats = _execute(options, files, pending, writer, id_generated, transform, log)
+        try:
+            stats = _execute(options, files, pending, writer, id_generated, transform, log)
+        finally:
+            release_placement_groups()
     summary = _summary(options, units, done, writer, stats, time.perf_counter() - started)
     writer.write_json(SUMMARY, summary)
     return summary

@@ -52,3 +52,17 @@ def skimage_data() -> Path:
     import skimage
 
     return Path(os.path.dirname(skimage.__file__)) / "data"
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """An in-process local Ray cluster with 2 CPUs on loopback, shared by the pipeline tests."""
+    import ray
+
+    from pipeline.caption import ensure_ray
+
+    ensure_ray(num_cpus=2)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    yield ray
+    ray.shutdown()
