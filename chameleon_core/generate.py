@@ -8,6 +8,7 @@ tail of a batch does not keep paying for rows that are done.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -23,6 +24,13 @@ class GenerationResult:
     token_ids: list[list[int]]  # new tokens per row, the stop token included when one was produced
     finish_reasons: list[str]  # "stop" or "length"
     num_prompt_tokens: list[int]
+    prefill_s: float = 0.0  # prompt forward pass, synchronized
+    decode_s: float = 0.0  # every later step, up to the returned token lists
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu"):
@@ -47,13 +55,16 @@ def generate(
     seeds: Sequence[int] | None = None,
     sync_every: int = 4,
     compact_below: float = 0.75,
+    decode_step: ChameleonForCausalLM | None = None,
 ) -> GenerationResult:
     """Generate up to `params.max_new_tokens` tokens for every prompt (lists of token ids).
 
     `seeds` gives each row its own sampling seed; by default a row's seed is derived from
     `params.seed` and its prompt, so a sample never depends on the rest of the batch.
     Rows are compacted away once fewer than `compact_below` of the current batch is still running.
+    `decode_step` runs the one-token steps in place of `model` (a compiled version of it).
     """
+    step_model = model if decode_step is None else decode_step
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt and no empty prompt")
     device = model.device
@@ -77,6 +88,7 @@ def generate(
         model.dtype, device,
     )
     positions = positions_from_mask(attention_mask)
+    started = time.perf_counter()
     logits = model(
         input_ids, positions, causal_padding_mask(attention_mask), cache,
         torch.arange(prompt_len, device=device), prompt_len,
@@ -84,6 +96,8 @@ def generate(
     key_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
     key_valid[:, :prompt_len] = attention_mask.bool()
     next_pos = positions[:, -1] + 1
+    _synchronize(device)  # one sync per batch, so the split between prefill and decode is honest
+    prefilled = time.perf_counter()
 
     out = torch.full((batch, params.max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     lengths = torch.full((batch,), params.max_new_tokens, dtype=torch.long, device=device)
@@ -112,7 +126,7 @@ def generate(
                 if seed_tensor is not None:
                     seed_tensor = seed_tensor[live]
         key_valid[:, prompt_len + step] = True
-        logits = model(
+        logits = step_model(
             tokens[:, None], next_pos[:, None], key_valid[:, None, None, :], cache, columns[step : step + 1], None
         )
         next_pos = next_pos + 1
@@ -123,4 +137,6 @@ def generate(
         token_ids=[row[:n] for row, n in zip(out_list, lengths_list)],
         finish_reasons=["stop" if s else "length" for s in stopped.tolist()],
         num_prompt_tokens=[len(p) for p in prompts],
+        prefill_s=prefilled - started,
+        decode_s=time.perf_counter() - prefilled,
     )

@@ -6,7 +6,10 @@ import torch
 
 
 class StaticKVCache:
-    """Keys and values of every layer in (layers, B, kv_heads, max_len, head_dim) buffers.
+    """Keys and values of every layer, one (B, kv_heads, max_len, head_dim) buffer per layer and kind.
+
+    Separate buffers rather than one stacked tensor: a compiled decode step that writes into a slice
+    of a stacked buffer has to copy the whole buffer back every layer, which cost more than the step.
 
     Rows of a left-padded batch share write positions (the prompt ends at the same column for every
     row), so a step writes one column for the whole batch. `keep_rows` compacts the batch when rows
@@ -23,17 +26,17 @@ class StaticKVCache:
         dtype: torch.dtype,
         device: torch.device | str,
     ):
-        shape = (num_layers, batch_size, num_kv_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (batch_size, num_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[3]
+        return self.k[0].shape[2]
 
     @property
     def batch_size(self) -> int:
-        return self.k.shape[1]
+        return self.k[0].shape[0]
 
     def update(
         self,
@@ -51,8 +54,8 @@ class StaticKVCache:
         return k_cache[:, :, :end], v_cache[:, :, :end]
 
     def keep_rows(self, rows: torch.Tensor) -> None:
-        self.k = self.k.index_select(1, rows)
-        self.v = self.v.index_select(1, rows)
+        self.k = [k.index_select(0, rows) for k in self.k]
+        self.v = [v.index_select(0, rows) for v in self.v]
 
     def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() * 2
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)

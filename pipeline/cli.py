@@ -65,6 +65,8 @@ def add_model_and_data_flags(parser: argparse.ArgumentParser, prompt_help: str, 
                          help="auto = bfloat16 on cuda, float32 on cpu")
     compute.add_argument("--torch-threads", type=int, default=None,
                          help="CPU threads per rank (default: the node's cores divided by --tp)")
+    compute.add_argument("--compile", action="store_true",
+                         help="torch.compile the VQ encoder in each replica (tens of seconds once; pays on long jobs)")
     compute.add_argument("--save-token-ids", action="store_true", help="also write output_token_ids")
 
 
@@ -85,6 +87,7 @@ def options_from_args(args: argparse.Namespace, **overrides: Any) -> CaptionOpti
         dtype=args.dtype, limit=args.limit, rows_per_file=args.rows_per_file, save_token_ids=args.save_token_ids,
         storage=StorageOptions.from_env(args.s3_endpoint, args.s3_key, args.s3_secret, args.s3_region),
         allow_local_paths=args.allow_local_paths, force=args.force, torch_threads=args.torch_threads,
+        compile=args.compile,
     )
     values.update(overrides)
     return CaptionOptions(**values)

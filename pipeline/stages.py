@@ -145,6 +145,8 @@ class EngineRunner:
         device = "cuda:0" if config.device == "cuda" else "cpu"  # Ray exposes exactly one GPU per rank
         self.tp = init_tp_group(rank, config.tp, address, device=device) if config.tp > 1 else None
         self.engine = ChameleonEngine.from_pretrained(config.model, device=device, dtype=config.dtype, tp=self.tp)
+        if config.compile:
+            self.engine.compile(vq_batch=config.batch_size)
         self.config = config
         self.crop_shape = (3, *self.engine.processor.image_preprocessor.output_size)
 
