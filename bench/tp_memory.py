@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import tempfile
 from pathlib import Path
 
@@ -50,6 +51,7 @@ def run_rank(rank: int, world: int, address: str, ckpt: str, out: str, dtype: st
             tp.close()
     Path(out, f"rank{world}-{rank}.json").write_text(json.dumps(
         {"baseline": baseline, "loaded": loaded, "peak": peak, "decoder_mib": decoder_bytes / 2**20}))
+    os._exit(0)  # skip interpreter teardown, where gloo's threads sometimes abort the process
 
 
 def measure(world: int, ckpt: Path, out: str, dtype: str) -> list[dict]:

@@ -45,6 +45,12 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device
     return ids.to(device), mask.to(device)
 
 
+def prefill_mask(attention_mask: torch.Tensor) -> torch.Tensor | None:
+    """The prompt's attention mask, or None when no row is padded (common: one prompt template and one
+    image per row gives equal lengths), which lets attention use its causal kernel without a mask."""
+    return None if bool(attention_mask.all()) else causal_padding_mask(attention_mask)
+
+
 @torch.inference_mode()
 def generate(
     model: ChameleonForCausalLM,
@@ -90,7 +96,7 @@ def generate(
     positions = positions_from_mask(attention_mask)
     started = time.perf_counter()
     logits = model(
-        input_ids, positions, causal_padding_mask(attention_mask), cache,
+        input_ids, positions, prefill_mask(attention_mask), cache,
         torch.arange(prompt_len, device=device), prompt_len,
     )
     key_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)

@@ -86,7 +86,7 @@ class Attention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: torch.Tensor,
+        mask: torch.Tensor | None,
         kv_cache: StaticKVCache | None,
         cache_positions: torch.Tensor | None,
         kv_len: int | None,
@@ -105,7 +105,12 @@ class Attention(nn.Module):
         if n_rep > 1:
             k = k.repeat_interleave(n_rep, dim=1)
             v = v.repeat_interleave(n_rep, dim=1)
-        out = decode_attention(q, k, v, mask) if T == 1 else F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if T == 1:
+            out = decode_attention(q, k, v, mask)
+        elif mask is None:  # no padding anywhere in the batch: the fused causal kernel, no mask tensor
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -182,7 +187,7 @@ class ChameleonForCausalLM(nn.Module):
         self,
         input_ids: torch.Tensor,
         positions: torch.Tensor,
-        mask: torch.Tensor,
+        mask: torch.Tensor | None,
         kv_cache: StaticKVCache | None = None,
         cache_positions: torch.Tensor | None = None,
         kv_len: int | None = None,
@@ -190,7 +195,8 @@ class ChameleonForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Logits (B, V) at the last position (`last_only`) or (B, T, V) at every position.
 
-        `mask` is a boolean (B, 1, T, kv_len) "may attend" mask. With a cache, the new keys/values are
+        `mask` is a boolean (B, 1, T, kv_len) "may attend" mask, or None for plain causal attention over
+        a prompt without padding. With a cache, the new keys/values are
         written at `cache_positions` and attention runs over the first `kv_len` cache slots.
         """
         x = self.model.embed_tokens(input_ids)
