@@ -25,6 +25,8 @@ from pipeline.stages import (
     NUM_IMAGES,
     T_GEN,
     T_PRE,
+    VQ_ENCODED,
+    VQ_REUSED,
     GenerateConfig,
     GenerateStage,
     PreprocessConfig,
@@ -56,6 +58,19 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         _node_ip_address="127.0.0.1",
         runtime_env={"env_vars": {"PYTHONPATH": pythonpath, "RAY_AUTH_MODE": "disabled"}},
     )
+
+
+def _starts_local_ray() -> bool:
+    """Whether `ensure_ray` would start an embedded cluster (no cluster to join, none connected)."""
+    ray = sys.modules.get("ray")
+    connected = ray is not None and hasattr(ray, "is_initialized") and ray.is_initialized()
+    return not connected and not os.environ.get("RAY_ADDRESS")
+
+
+def _local_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def gpus_per_node() -> list[float]:
@@ -128,6 +143,7 @@ def generate_config(options: CaptionOptions) -> GenerateConfig:
         dtype=options.resolved_dtype, tp=options.tp, batch_size=options.batch_size,
         sampling=options.generation.sampling_params(), save_token_ids=options.save_token_ids,
         torch_threads=options.torch_threads, compile=options.compile, rank_resources=_rank_resources(options),
+        vq_cache_size=options.vq_cache_size,
     )
 
 
@@ -177,10 +193,10 @@ def _error_type(message: str) -> str:
     return message.split(":", 1)[0] if ":" in message else message
 
 
-def _manifest(options: CaptionOptions, files, units) -> dict[str, Any]:
+def _manifest(options: CaptionOptions, files, units, extra_settings: dict[str, Any]) -> dict[str, Any]:
     return {
         "version": 1,
-        "settings": options.job_settings(),
+        "settings": {**options.job_settings(), **extra_settings},
         "inputs": [{"uri": f.uri, "size": f.size, "num_rows": f.num_rows} for f in files],
         "num_units": len(units),
     }
@@ -189,13 +205,18 @@ def _manifest(options: CaptionOptions, files, units) -> dict[str, Any]:
 def run_caption_job(
     options: CaptionOptions,
     log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
-    transform: Callable | None = None,
+    transform: Callable[[pa.Table], pa.Table] | None = None,
     num_cpus: int | None = None,
+    output_fields: Callable[[pa.Schema], pa.Schema] | None = None,
+    extra_settings: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Validate, plan, run and commit. Raises OptionsError (exit code 2) before any work on bad input.
 
-    `transform` may add columns to each output batch before it is written (the VQA job scores there).
+    `transform` may add columns to each output batch before it is written (the VQA job scores there);
+    `output_fields` maps the caption output schema to the one written (columns absent from it are
+    dropped), and `extra_settings` join the settings a resumed run must match (e.g. the VQA metric).
     """
+    extra_settings = extra_settings or {}
     started = time.perf_counter()
     validate(options)
     try:
@@ -215,6 +236,10 @@ def run_caption_job(
         log(f"no '{options.id_column}' column: ids are '<file name>:<row index>'")
         options = replace(options, id_column="id")
 
+    if _starts_local_ray():
+        # The local cluster started below gets the GPUs torch sees here: refuse --device cuda (or a
+        # --tp above them) now rather than after starting Ray.
+        resolve_device(options, [float(_local_gpus())], where="this machine (no RAY_ADDRESS cluster)")
     ensure_ray(num_cpus)
     options = resolve_device(options, gpus_per_node())
 
@@ -222,9 +247,12 @@ def run_caption_job(
     input_schema = _input_schema(first, options)
     schema = output_schema(input_schema, options.id_column, id_generated, options.keep_columns,
                            options.save_token_ids)
-    metadata = {"chameleon.settings": json.dumps(options.job_settings(), sort_keys=True)}
+    if output_fields is not None:
+        schema = output_fields(schema)
+    settings = {**options.job_settings(), **extra_settings}
+    metadata = {"chameleon.settings": json.dumps(settings, sort_keys=True)}
     writer = UnitWriter(options.output, options.storage, schema, metadata)
-    done = writer.prepare(_manifest(options, files, units), options.force)
+    done = writer.prepare(_manifest(options, files, units, extra_settings), options.force)
     pending = [u for u in units if u.index not in done]
     log(f"{len(units)} units ({sum(u.num_rows for u in units)} rows) from {len(files)} file(s); "
         f"{len(done)} already committed, {len(pending)} to do; device={options.resolved_device} "
@@ -258,6 +286,8 @@ class _RunStats:
         self.errors: Counter[str] = Counter()
         self.t_pre = 0.0
         self.t_gen = 0.0
+        self.vq_encoded = 0
+        self.vq_reused = 0
         self.wall = 0.0
         self.data_stats = ""
 
@@ -293,6 +323,8 @@ def _execute(options, files, pending, writer, id_generated, transform, log) -> _
         stats.errors.update(_error_type(e) for e in batch.column("error").to_pylist() if e)
         stats.t_pre += sum(batch.column(T_PRE).to_pylist())
         stats.t_gen += sum(batch.column(T_GEN).to_pylist())
+        stats.vq_encoded += sum(batch.column(VQ_ENCODED).to_pylist())
+        stats.vq_reused += sum(batch.column(VQ_REUSED).to_pylist())
         for unit in writer.add(batch, by_index):
             log(f"committed {by_index[unit].filename} ({by_index[unit].num_rows} rows)")
     stats.wall = time.perf_counter() - start
@@ -336,6 +368,9 @@ def _summary(options, units, done, writer, stats: _RunStats, wall: float) -> dic
         "pipeline_time_s": round(stats.wall, 3),
         "images": stats.images,
         "images_per_s": round(stats.images / run, 3),
+        # VQ work of this run: images encoded, and image occurrences served from a replica's cache.
+        "vq_encodings": stats.vq_encoded,
+        "vq_encodings_saved": stats.vq_reused,
         "rows_per_s": round(stats.rows / run, 3),
         "generated_tokens": stats.generated_tokens,
         "generated_tokens_per_s": round(stats.generated_tokens / run, 3),
@@ -357,6 +392,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"wall {summary['wall_time_s']:.1f}s; pipeline {summary['pipeline_time_s']:.1f}s: "
         f"{summary['images_per_s']:.2f} images/s, {summary['rows_per_s']:.2f} rows/s, "
         f"{summary['generated_tokens_per_s']:.1f} generated tokens/s",
+        f"VQ encodings {summary['vq_encodings']}, saved by the image cache {summary['vq_encodings_saved']}",
     ]
     for name, stage in summary["stages"].items():
         rate = stage["rows_per_busy_s"]

@@ -13,7 +13,10 @@ from pipeline.storage import StorageOptions
 EXIT_BAD_INPUT = 2
 
 
-def add_model_and_data_flags(parser: argparse.ArgumentParser, prompt_help: str, default_prompt: str) -> None:
+def add_model_and_data_flags(parser: argparse.ArgumentParser, prompt_help: str, default_prompt: str,
+                             prompt_flags: tuple[str, ...] = ("--prompt",), default_max_new_tokens: int = 32) -> None:
+    """The flags every job shares. `prompt_flags` names the prompt flag (the VQA job calls it
+    --prompt-template, with --prompt as an alias); its value is always `args.prompt`."""
     data = parser.add_argument_group("data")
     data.add_argument("--input", nargs="+", metavar="URI",
                       help="Parquet files, directories or globs; local paths or s3:// URIs")
@@ -23,7 +26,7 @@ def add_model_and_data_flags(parser: argparse.ArgumentParser, prompt_help: str, 
     data.add_argument("--image-column", default="image",
                       help="encoded image bytes, a path/URI (relative to the Parquet file), a {bytes, path} "
                            "struct, or a list of these for multi-image rows (default: image)")
-    data.add_argument("--prompt", default=default_prompt, help=prompt_help)
+    data.add_argument(*prompt_flags, dest="prompt", default=default_prompt, help=prompt_help)
     data.add_argument("--keep-columns", nargs="*", default=[], metavar="COL",
                       help="input columns copied to the output unchanged")
     data.add_argument("--limit", type=int, default=None, help="process only the first N rows of the input")
@@ -42,7 +45,8 @@ def add_model_and_data_flags(parser: argparse.ArgumentParser, prompt_help: str, 
 
     model = parser.add_argument_group("model and generation")
     model.add_argument("--model", metavar="DIR", help="Chameleon checkpoint folder in the Hugging Face layout")
-    model.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per row (default: 32)")
+    model.add_argument("--max-new-tokens", type=int, default=default_max_new_tokens,
+                       help=f"tokens to generate per row (default: {default_max_new_tokens})")
     model.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (default)")
     model.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1, off)")
     model.add_argument("--top-k", type=int, default=0, help="sample among the k best tokens (default: 0, off)")
@@ -67,6 +71,10 @@ def add_model_and_data_flags(parser: argparse.ArgumentParser, prompt_help: str, 
                          help="CPU threads per rank (default: the node's cores divided by --tp)")
     compute.add_argument("--compile", action="store_true",
                          help="torch.compile the VQ encoder in each replica (tens of seconds once; pays on long jobs)")
+    compute.add_argument("--vq-cache-size", type=int, default=4096,
+                         help="images whose VQ tokens each replica keeps (LRU by content hash), so an image "
+                              "shared by many rows is encoded once; 0 keeps none between batches (an image "
+                              "repeated within one batch is still encoded once) (default: 4096, ~8 KiB each)")
     compute.add_argument("--save-token-ids", action="store_true", help="also write output_token_ids")
 
 
@@ -87,7 +95,7 @@ def options_from_args(args: argparse.Namespace, **overrides: Any) -> CaptionOpti
         dtype=args.dtype, limit=args.limit, rows_per_file=args.rows_per_file, save_token_ids=args.save_token_ids,
         storage=StorageOptions.from_env(args.s3_endpoint, args.s3_key, args.s3_secret, args.s3_region),
         allow_local_paths=args.allow_local_paths, force=args.force, torch_threads=args.torch_threads,
-        compile=args.compile,
+        compile=args.compile, vq_cache_size=args.vq_cache_size,
     )
     values.update(overrides)
     return CaptionOptions(**values)

@@ -67,6 +67,9 @@ class CaptionOptions:
     max_image_bytes: int = 64 * 1024 * 1024
     torch_threads: int | None = None
     compile: bool = False
+    # Images whose VQ tokens each replica caches (LRU by content hash); 0 keeps none between batches.
+    # It never changes the output, so it is not part of job_settings().
+    vq_cache_size: int = 4096
     # Resolved by validation (never set by users):
     resolved_device: str = ""
     resolved_dtype: str = ""
@@ -128,6 +131,7 @@ def check_numbers(options: CaptionOptions) -> None:
         (options.tp >= 1, f"--tp must be >= 1 (got {options.tp})"),
         (options.rows_per_file >= 1, f"--rows-per-file must be >= 1 (got {options.rows_per_file})"),
         (options.limit is None or options.limit >= 1, f"--limit must be >= 1 (got {options.limit})"),
+        (options.vq_cache_size >= 0, f"--vq-cache-size must be >= 0 (got {options.vq_cache_size})"),
         (options.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda (got {options.device!r})"),
     ]
     for ok, message in checks:
@@ -153,6 +157,12 @@ def check_model(options: CaptionOptions) -> ChameleonConfig:
         ChameleonProcessor.from_pretrained(model, config)
     except ChameleonError as exc:
         raise OptionsError(f"--model {options.model}: incomplete or invalid checkpoint: {exc}") from None
+    context = config.max_position_embeddings
+    if options.generation.max_new_tokens >= context:
+        raise OptionsError(
+            f"--max-new-tokens {options.generation.max_new_tokens}: no room left for a prompt in the "
+            f"model's context of {context} positions"
+        )
     if config.num_attention_heads % options.tp:
         raise OptionsError(
             f"--tp {options.tp}: the model's {config.num_attention_heads} attention heads are not divisible by it"
@@ -182,14 +192,17 @@ def check_output_writable(options: CaptionOptions) -> None:
     out = options.output
     fs = options.storage.filesystem(out)
     path = strip_scheme(out) if is_remote(out) else os.path.abspath(out)
-    created = False
+    created: list[str] = []  # folders this check made, deepest first
     try:
         if not is_remote(out):
             if os.path.exists(path) and not os.path.isdir(path):
                 raise OptionsError(f"--output {out}: exists and is not a directory")
-            if not os.path.exists(path):
+            missing = path
+            while not os.path.exists(missing) and os.path.dirname(missing) != missing:
+                created.append(missing)
+                missing = os.path.dirname(missing)
+            if created:
                 os.makedirs(path)
-                created = True
         probe = f"{path.rstrip('/')}/.write-probe-{uuid.uuid4().hex}"
         with fs.open(probe, "wb") as f:
             f.write(b"probe")
@@ -199,14 +212,15 @@ def check_output_writable(options: CaptionOptions) -> None:
     except Exception as exc:  # permission errors, missing buckets, bad endpoints...
         raise OptionsError(f"--output {out}: not writable ({type(exc).__name__}: {exc})") from None
     finally:
-        if created:
+        for folder in created:
             try:
-                os.rmdir(path)
+                os.rmdir(folder)
             except OSError:
-                pass
+                break
 
 
-def resolve_device(options: CaptionOptions, cluster_gpus_per_node: list[float]) -> CaptionOptions:
+def resolve_device(options: CaptionOptions, cluster_gpus_per_node: list[float],
+                   where: str = "the Ray cluster") -> CaptionOptions:
     """Pick the device and dtype; refuse --tp larger than the GPUs of any one node."""
     max_gpus = max(cluster_gpus_per_node, default=0)
     device = options.device
@@ -214,10 +228,11 @@ def resolve_device(options: CaptionOptions, cluster_gpus_per_node: list[float]) 
         device = "cuda" if max_gpus >= 1 else "cpu"
     if device == "cuda":
         if max_gpus < 1:
-            raise OptionsError("--device cuda: the Ray cluster has no GPU")
+            need = f" (--tp {options.tp} needs {options.tp} GPUs on one node)" if options.tp > 1 else ""
+            raise OptionsError(f"--device cuda: {where} has no GPU{need}")
         if options.tp > max_gpus:
             raise OptionsError(
-                f"--tp {options.tp} is larger than the GPUs on any node ({int(max_gpus)}); "
+                f"--tp {options.tp} is larger than the GPUs on any node of {where} ({int(max_gpus)}); "
                 "a tensor-parallel replica must fit on one node"
             )
     dtype = options.dtype

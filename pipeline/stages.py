@@ -7,8 +7,10 @@ and it flows on to the output with the rest.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,11 +25,19 @@ from pipeline.units import SOURCE
 # Columns added by the preprocessing stage and consumed by the generation stage.
 PROMPT_IDS, PIXELS, NUM_IMAGES, ERROR = "_prompt_ids", "_pixels", "_num_images", "error"
 T_PRE, T_GEN = "_t_preprocess", "_t_generate"
+# Content hashes of a row's crops (preprocessing) and, per row, how many of its images the generation
+# stage VQ-encoded and how many it took from its cache. Internal: the writer drops them.
+IMAGE_KEYS, VQ_ENCODED, VQ_REUSED = "_image_keys", "_vq_encoded", "_vq_reused"
 OUTPUT_COLUMNS = ("caption", "error", "finish_reason", "num_prompt_tokens", "num_generated_tokens")
 
 
 def format_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
+
+
+def image_key(crop: np.ndarray) -> bytes:
+    """Content hash of a preprocessed crop: equal pixels give equal VQ codes, whatever file they came from."""
+    return hashlib.blake2b(np.ascontiguousarray(crop).data, digest_size=16).digest()
 
 
 @dataclass(frozen=True)
@@ -73,7 +83,7 @@ class PreprocessStage:
             text = text.replace("{" + name + "}", "" if row.get(name) is None else str(row[name]))
         return text
 
-    def process_row(self, row: dict[str, Any]) -> tuple[list[int], bytes, int]:
+    def process_row(self, row: dict[str, Any]) -> tuple[list[int], bytes, list[bytes]]:
         cfg = self.config
         images = self.resolver.images(row.get(cfg.image_column), row.get(SOURCE) or "")
         ids = self.processor.prompt_ids(self.prompt_text(row), len(images), cfg.text_completion, name="prompt")
@@ -84,22 +94,25 @@ class PreprocessStage:
             )
         crops = [self.processor.image_preprocessor.crop(data, name=f"image {j}") for j, data in enumerate(images)]
         pixels = b"".join(c.tobytes() for c in crops)
-        return ids, pixels, len(crops)
+        # Hashed here, on the CPU pool, so the accelerator actor only looks keys up.
+        return ids, pixels, [image_key(c) for c in crops]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         start = time.perf_counter()
         rows = batch.to_pylist()
-        prompt_ids, pixels, counts, errors = [], [], [], []
+        prompt_ids, pixels, keys, counts, errors = [], [], [], [], []
         for row in rows:
             try:
-                ids, data, n = self.process_row(row)
+                ids, data, row_keys = self.process_row(row)
                 prompt_ids.append(ids)
                 pixels.append(data)
-                counts.append(n)
+                keys.append(row_keys)
+                counts.append(len(row_keys))
                 errors.append(None)
             except (ChameleonError, ImageSourceError, ValueError, OSError) as exc:
                 prompt_ids.append(None)
                 pixels.append(None)
+                keys.append(None)
                 counts.append(0)
                 errors.append(format_error(exc))
         out = batch.drop_columns([self.config.image_column])
@@ -107,6 +120,7 @@ class PreprocessStage:
         for name, values, typ in (
             (PROMPT_IDS, prompt_ids, pa.list_(pa.int32())),
             (PIXELS, pixels, pa.large_binary()),
+            (IMAGE_KEYS, keys, pa.list_(pa.binary())),
             (NUM_IMAGES, counts, pa.int32()),
             (ERROR, errors, pa.string()),
             (T_PRE, [elapsed] * len(rows), pa.float64()),
@@ -128,10 +142,38 @@ class GenerateConfig:
     torch_threads: int | None
     compile: bool
     rank_resources: dict[str, float]
+    vq_cache_size: int = 4096  # images whose VQ tokens a replica keeps (LRU); 0 keeps none between calls
+
+
+class ImageTokenCache:
+    """LRU map from an image's content hash to its VQ tokens (a CPU tensor of image_seq_length ids).
+
+    VQA sets ask many questions about one image; each image is then VQ-encoded once per replica, not
+    once per question. An entry is image_seq_length int64 ids (8 KiB for Chameleon's 1024).
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.entries: OrderedDict[bytes, Any] = OrderedDict()
+
+    def get(self, key: bytes):
+        tokens = self.entries.get(key)
+        if tokens is not None:
+            self.entries.move_to_end(key)
+        return tokens
+
+    def put(self, key: bytes, tokens) -> None:
+        if self.capacity <= 0:
+            return
+        self.entries[key] = tokens
+        self.entries.move_to_end(key)
+        while len(self.entries) > self.capacity:
+            self.entries.popitem(last=False)
 
 
 class EngineRunner:
-    """One rank's engine. Rank 0 returns results; other ranks only take part in the collectives."""
+    """One rank's engine. Rank 0 fills image tokens (through its cache) and returns results; other
+    ranks get the filled prompts and only take part in the collectives of generation."""
 
     def __init__(self, config: GenerateConfig, rank: int = 0, address: str | None = None):
         import torch
@@ -149,17 +191,71 @@ class EngineRunner:
             self.engine.compile(vq_batch=config.batch_size)
         self.config = config
         self.crop_shape = (3, *self.engine.processor.image_preprocessor.output_size)
+        self.cache = ImageTokenCache(config.vq_cache_size)
 
     def ready(self) -> bool:
         return True
 
-    def run(self, prompts: list[list[int]], pixels: list[bytes], seeds: list[int] | None):
-        crops = []
-        for data in pixels:
-            if data:
-                crops.extend(np.frombuffer(data, dtype=np.uint8).reshape(-1, *self.crop_shape))
-        filled = self.engine.fill_images(prompts, crops)
-        result = self.engine.generate_ids(filled, self.config.sampling, seeds)
+    def fill(self, prompts: list[list[int]], pixels: list[bytes | None],
+             keys: list[list[bytes] | None]) -> tuple[list[list[int]], list[tuple[int, int]]]:
+        """Prompts with their `<image>` placeholders replaced by VQ tokens, and per row (encoded, reused).
+
+        Runs on rank 0 only: the VQ-VAE is replicated and needs no collective, and sending the filled
+        prompts to the other ranks keeps every rank's input identical, whatever a cache would hold.
+        """
+        import torch
+
+        crops, crop_keys, owners = self._unpack(pixels, keys)
+        if not crops:
+            return [list(p) for p in prompts], [(0, 0)] * len(prompts)
+        tokens, encoded = self._image_tokens(crops, crop_keys)
+        counts = [[0, 0] for _ in prompts]
+        for i, row in enumerate(owners):
+            counts[row][0 if i in encoded else 1] += 1
+        flat = torch.tensor([t for p in prompts for t in p], dtype=torch.long)
+        filled = self.engine.processor.fill_image_tokens(flat, torch.stack([tokens[k] for k in crop_keys]))
+        filled = filled.tolist()
+        out, start = [], 0
+        for p in prompts:
+            out.append(filled[start : start + len(p)])
+            start += len(p)
+        return out, [(e, r) for e, r in counts]
+
+    def _unpack(self, pixels: list[bytes | None], keys: list[list[bytes] | None]):
+        """Every crop of the call in placeholder order, its content key, and the row it belongs to."""
+        crops: list[np.ndarray] = []
+        crop_keys: list[bytes] = []
+        owners: list[int] = []
+        for row, (data, row_keys) in enumerate(zip(pixels, keys)):
+            if not data:
+                continue
+            row_crops = list(np.frombuffer(data, dtype=np.uint8).reshape(-1, *self.crop_shape))
+            crops.extend(row_crops)
+            # Keys come from the preprocessing stage; a caller that skipped it gets them computed here.
+            crop_keys.extend(row_keys if row_keys is not None else [image_key(c) for c in row_crops])
+            owners.extend([row] * len(row_crops))
+        return crops, crop_keys, owners
+
+    def _image_tokens(self, crops: list[np.ndarray], crop_keys: list[bytes]):
+        """Tokens per key; only images neither cached nor repeated earlier in this call are encoded,
+        together in one VQ batch. Returns the tokens and the positions of the crops that were encoded."""
+        tokens = {}
+        to_encode: list[int] = []
+        for i, key in enumerate(crop_keys):
+            if key in tokens:
+                continue
+            tokens[key] = self.cache.get(key)
+            if tokens[key] is None:
+                to_encode.append(i)
+        if to_encode:
+            encoded = self.engine.image_tokens(np.stack([crops[i] for i in to_encode])).cpu()
+            for i, row_tokens in zip(to_encode, encoded):
+                tokens[crop_keys[i]] = row_tokens
+                self.cache.put(crop_keys[i], row_tokens)
+        return tokens, set(to_encode)
+
+    def generate(self, prompts: list[list[int]], seeds: list[int] | None):
+        result = self.engine.generate_ids(prompts, self.config.sampling, seeds)
         return result if self.tp is None or self.tp.rank == 0 else None
 
 
@@ -174,8 +270,8 @@ def _rank_worker_class():
         def ready(self) -> bool:
             return True
 
-        def run(self, prompts, pixels, seeds):
-            return self.runner.run(prompts, pixels, seeds)
+        def generate(self, prompts, seeds):
+            return self.runner.generate(prompts, seeds)
 
     return RankWorker
 
@@ -183,8 +279,11 @@ def _rank_worker_class():
 class GenerateStage:
     """VQ-encode images, generate on length-sorted micro-batches, detokenize (one actor per replica).
 
+    Images are VQ-encoded once per replica: their tokens are cached by content hash (LRU of
+    `vq_cache_size` images), and each row reports how many of its images were encoded or reused.
     With tp > 1 this actor is rank 0 and starts ranks 1..tp-1 as child actors; the placement group it
-    was scheduled into (STRICT_PACK, one bundle per rank) captures them on the same node.
+    was scheduled into (STRICT_PACK, one bundle per rank) captures them on the same node. Rank 0 does
+    the VQ encoding and sends the filled prompts to the other ranks.
     """
 
     def __init__(self, config: GenerateConfig):
@@ -210,13 +309,13 @@ class GenerateStage:
             ray.get([h.ready.remote() for h in self.helpers])
         self.tokenizer = self.runner.engine.tokenizer
 
-    def _generate(self, prompts, pixels, seeds):
+    def _generate(self, prompts: list[list[int]], seeds: list[int] | None):
         if not self.helpers:
-            return self.runner.run(prompts, pixels, seeds)
+            return self.runner.generate(prompts, seeds)
         import ray
 
-        refs = [h.run.remote(prompts, pixels, seeds) for h in self.helpers]
-        result = self.runner.run(prompts, pixels, seeds)
+        refs = [h.generate.remote(prompts, seeds) for h in self.helpers]
+        result = self.runner.generate(prompts, seeds)
         ray.get(refs)
         return result
 
@@ -230,7 +329,11 @@ class GenerateStage:
         errors = batch.column(ERROR).to_pylist()
         prompts = batch.column(PROMPT_IDS).to_pylist()
         pixels = batch.column(PIXELS).to_pylist()
+        keys = batch.column(IMAGE_KEYS).to_pylist() if IMAGE_KEYS in batch.column_names else [None] * n
         ids = batch.column(self.config.id_column).to_pylist()
+        # Per row, images VQ-encoded / taken from the cache, summed over attempts (a retried row that
+        # hits the cache is a real saving), so the job totals equal the encoder's actual work.
+        vq = [[0, 0] for _ in range(n)]
         captions: list[str | None] = [None] * n
         reasons = ["error"] * n
         generated: list[list[int] | None] = [None] * n
@@ -242,7 +345,7 @@ class GenerateStage:
         for start in range(0, len(todo), size):
             chunk = todo[start : start + size]
             t0 = time.perf_counter()
-            for i, outcome in zip(chunk, self._run_chunk(chunk, prompts, pixels, ids)):
+            for i, outcome in zip(chunk, self._run_chunk(chunk, (prompts, pixels, keys, ids), vq)):
                 if isinstance(outcome, str):
                     errors[i] = outcome
                 else:
@@ -253,7 +356,7 @@ class GenerateStage:
         done = [i for i in range(n) if generated[i] is not None]
         for i, text in zip(done, self.tokenizer.decode_batch([generated[i] for i in done])):
             captions[i] = text
-        out = batch.drop_columns([PROMPT_IDS, PIXELS, ERROR])
+        out = batch.drop_columns([c for c in (PROMPT_IDS, PIXELS, IMAGE_KEYS, ERROR) if c in batch.column_names])
         columns = {
             "caption": pa.array(captions, pa.string()),
             ERROR: pa.array(errors, pa.string()),
@@ -261,6 +364,8 @@ class GenerateStage:
             "num_prompt_tokens": pa.array(prompt_lens, pa.int32()),
             "num_generated_tokens": pa.array([len(g) if g is not None else None for g in generated], pa.int32()),
             T_GEN: pa.array(t_gen, pa.float64()),
+            VQ_ENCODED: pa.array([v[0] for v in vq], pa.int32()),
+            VQ_REUSED: pa.array([v[1] for v in vq], pa.int32()),
         }
         if self.config.save_token_ids:
             columns["output_token_ids"] = pa.array(generated, pa.list_(pa.int32()))
@@ -268,15 +373,24 @@ class GenerateStage:
             out = out.append_column(name, values)
         return out
 
-    def _run_chunk(self, chunk, prompts, pixels, ids):
-        """(tokens, finish_reason) per row, or an error string; a failing batch is retried row by row."""
+    def _run_chunk(self, chunk: list[int], inputs: tuple[list, list, list, list], vq: list[list[int]]):
+        """(tokens, finish_reason) per row, or an error string; a failing batch is retried row by row.
+
+        `inputs` is (prompt ids, pixels, image keys, row ids) of the whole batch; `vq` collects, per
+        row, the images encoded and reused by every attempt.
+        """
+        prompts, pixels, keys, ids = inputs
         try:
-            result = self._generate([prompts[i] for i in chunk], [pixels[i] for i in chunk],
-                                    self._seeds([ids[i] for i in chunk]))
+            filled, counts = self.runner.fill([prompts[i] for i in chunk], [pixels[i] for i in chunk],
+                                              [keys[i] for i in chunk])
+            for i, (encoded, reused) in zip(chunk, counts):
+                vq[i][0] += encoded
+                vq[i][1] += reused
+            result = self._generate(filled, self._seeds([ids[i] for i in chunk]))
             return list(zip(result.token_ids, result.finish_reasons))
         except TensorParallelError:
             raise  # the replica itself is broken: let Ray restart the actor and retry the batch
         except (ChameleonError, ValueError, RuntimeError) as exc:
             if len(chunk) == 1:
                 return [format_error(exc)]
-            return [self._run_chunk([i], prompts, pixels, ids)[0] for i in chunk]
+            return [self._run_chunk([i], inputs, vq)[0] for i in chunk]
