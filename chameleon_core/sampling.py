@@ -84,7 +84,9 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
 def select_tokens(logits: torch.Tensor, params: SamplingParams, seeds: torch.Tensor | None, step: int) -> torch.Tensor:
     """Next token per row from (B, V) logits."""
     if params.greedy:
-        return logits.argmax(dim=-1)
+        # argmax over bfloat16 runs a slow generic kernel on the CPU (~5x the upcast + fp32 argmax);
+        # the upcast is exact, so the chosen token (first maximum) is the same.
+        return logits.float().argmax(dim=-1)
     scores = filter_logits(logits.float() / params.temperature, params.top_k, params.top_p)
     gumbel = -torch.log(-torch.log(uniform_noise(seeds, step, scores.shape[-1])))
     return (scores + gumbel).argmax(dim=-1)
