@@ -31,6 +31,7 @@ from pipeline.stages import (
     GenerateStage,
     PreprocessConfig,
     PreprocessStage,
+    error_type,
 )
 from pipeline.storage import StorageError, list_parquet_inputs
 from pipeline.units import describe_inputs, plan_reads, plan_units, read_task_dicts, read_task_rows
@@ -189,10 +190,6 @@ def build_caption_dataset(ds, options: CaptionOptions):
         )
 
 
-def _error_type(message: str) -> str:
-    return message.split(":", 1)[0] if ":" in message else message
-
-
 def _manifest(options: CaptionOptions, files, units, extra_settings: dict[str, Any]) -> dict[str, Any]:
     return {
         "version": 1,
@@ -320,7 +317,7 @@ def _execute(options, files, pending, writer, id_generated, transform, log) -> _
         stats.rows += batch.num_rows
         stats.images += sum(batch.column(NUM_IMAGES).to_pylist())
         stats.generated_tokens += sum(v or 0 for v in batch.column("num_generated_tokens").to_pylist())
-        stats.errors.update(_error_type(e) for e in batch.column("error").to_pylist() if e)
+        stats.errors.update(error_type(e) for e in batch.column("error").to_pylist() if e)
         stats.t_pre += sum(batch.column(T_PRE).to_pylist())
         stats.t_gen += sum(batch.column(T_GEN).to_pylist())
         stats.vq_encoded += sum(batch.column(VQ_ENCODED).to_pylist())

@@ -31,6 +31,11 @@ IMAGE_KEYS, VQ_ENCODED, VQ_REUSED = "_image_keys", "_vq_encoded", "_vq_reused"
 OUTPUT_COLUMNS = ("caption", "error", "finish_reason", "num_prompt_tokens", "num_generated_tokens")
 
 
+def error_type(message: str) -> str:
+    """The exception type named by a `format_error` message (the whole message if it has no colon)."""
+    return message.split(":", 1)[0]
+
+
 def format_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 

@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.options import IMAGE_PLACEHOLDER, CaptionOptions, OptionsError, check_output_writable
+from pipeline.stages import error_type
 from pipeline.storage import StorageError, StorageOptions, is_remote, list_parquet_inputs, strip_scheme
 from pipeline.vqa_metrics import METRICS, VQA_NORMALIZATIONS, aggregate, parse_answers, score_prediction
 
@@ -221,10 +222,6 @@ def check_inputs(options: VQAOptions, uris: list[str], question_column: str | No
 # -- scoring -------------------------------------------------------------------------------------------
 
 
-def _error_type(message: str) -> str:
-    return message.split(":", 1)[0]
-
-
 def score_rows(predictions: list[str | None], errors: list[str | None], answers: list[Any],
                scoring: ScoringSettings) -> dict[str, list]:
     """Score, normalized prediction, parsed answers and error per row.
@@ -389,7 +386,7 @@ def build_summary(table: pa.Table, groups: list[str], scoring: ScoringSettings,
         group_rows = [{g: "(none)" if values[g][i] is None else str(values[g][i]) for g in groups}
                       for i in range(table.num_rows)]
     result = aggregate(scores, group_rows)
-    errors = Counter(_error_type(e) for e in table.column(ERROR).to_pylist() if e)
+    errors = Counter(error_type(e) for e in table.column(ERROR).to_pylist() if e)
     return {
         **scoring.describe(), "metric_label": scoring.label(), "score_scale": "percent",
         "overall": result["overall"], "n": result["n"], "n_errors": sum(errors.values()),
