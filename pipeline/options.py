@@ -13,7 +13,7 @@ from typing import Any
 from chameleon_core import ChameleonConfig, ChameleonError, SamplingParams
 from chameleon_core.checkpoint import checkpoint_files, parse_dtype
 from chameleon_core.processor import ChameleonProcessor
-from pipeline.storage import StorageError, StorageOptions, is_remote, strip_scheme
+from pipeline.storage import StorageError, StorageOptions, fs_path, is_remote
 
 DEFAULT_PROMPT = "<image>Describe this image in one sentence."
 IMAGE_PLACEHOLDER = "<image>"
@@ -191,7 +191,7 @@ def check_output_writable(options: CaptionOptions) -> None:
     """Write and delete a probe file under --output; leave nothing behind (not even a new folder)."""
     out = options.output
     fs = options.storage.filesystem(out)
-    path = strip_scheme(out) if is_remote(out) else os.path.abspath(out)
+    path = fs_path(out)
     created: list[str] = []  # folders this check made, deepest first
     try:
         if not is_remote(out):

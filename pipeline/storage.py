@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob as globlib
 import os
 import posixpath
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,6 +76,28 @@ def is_remote(uri: str) -> bool:
 
 def strip_scheme(uri: str) -> str:
     return uri.split("://", 1)[1] if "://" in uri else uri
+
+
+def fs_path(uri: str) -> str:
+    """The path `StorageOptions.filesystem(uri)` takes: bucket/key for a remote URI, absolute locally."""
+    return strip_scheme(uri) if is_remote(uri) else os.path.abspath(uri)
+
+
+def write_whole_file(fs: fsspec.AbstractFileSystem, path: str, data: bytes, remote: bool) -> None:
+    """Write a file that no reader ever sees half written.
+
+    An object-store upload becomes visible only when it completes, so it is written in place; a local
+    file is written under a temporary name in its folder and renamed.
+    """
+    if remote:
+        with fs.open(path, "wb") as f:
+            f.write(data)
+        return
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".tmp-{uuid.uuid4().hex}-{name}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
 
 
 def with_scheme(uri_like: str, scheme: str | None) -> str:

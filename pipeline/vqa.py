@@ -20,7 +20,6 @@ import io
 import json
 import os
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -31,7 +30,14 @@ import pyarrow.parquet as pq
 
 from pipeline.options import IMAGE_PLACEHOLDER, CaptionOptions, OptionsError, check_output_writable
 from pipeline.stages import error_type
-from pipeline.storage import StorageError, StorageOptions, is_remote, list_parquet_inputs, strip_scheme
+from pipeline.storage import (
+    StorageError,
+    StorageOptions,
+    fs_path,
+    is_remote,
+    list_parquet_inputs,
+    write_whole_file,
+)
 from pipeline.vqa_metrics import METRICS, VQA_NORMALIZATIONS, aggregate, parse_answers, score_prediction
 
 DEFAULT_TEMPLATE = "<image>{question}\nAnswer the question using a single word or phrase."
@@ -305,10 +311,6 @@ def _join(root: str, name: str) -> str:
     return f"{root.rstrip('/')}/{name}"
 
 
-def _local_or_key(uri: str) -> str:
-    return strip_scheme(uri) if is_remote(uri) else os.path.abspath(uri)
-
-
 def read_predictions(uris: list[str], storage: StorageOptions,
                      columns: list[str] | None = None) -> tuple[pa.Table, dict[str, Any]]:
     """All rows of `uris` (in order) and the chameleon settings stored in the first file, if any."""
@@ -317,7 +319,7 @@ def read_predictions(uris: list[str], storage: StorageOptions,
         # By path through the filesystem (pyarrow's dataset reader), not ParquetFile on an open file
         # object: with pyarrow 26 the latter makes the process abort at exit now and then
         # ("terminate called without an active exception", apache/arrow#34314).
-        table = pq.read_table(_local_or_key(uri), columns=columns, filesystem=storage.filesystem(uri))
+        table = pq.read_table(fs_path(uri), columns=columns, filesystem=storage.filesystem(uri))
         if not tables and table.schema.metadata and SETTINGS_KEY in table.schema.metadata:
             settings = json.loads(table.schema.metadata[SETTINGS_KEY])
         tables.append(table.replace_schema_metadata(None))
@@ -325,18 +327,9 @@ def read_predictions(uris: list[str], storage: StorageOptions,
 
 
 def _write(storage: StorageOptions, uri: str, data: bytes) -> None:
-    """Write a whole file; locally through a temporary name, so a reader never sees half of it."""
-    fs = storage.filesystem(uri)
-    if is_remote(uri):
-        with fs.open(strip_scheme(uri), "wb") as f:
-            f.write(data)
-        return
-    path = os.path.abspath(uri)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = _join(os.path.dirname(path), f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    if not is_remote(uri):
+        os.makedirs(os.path.dirname(fs_path(uri)), exist_ok=True)
+    write_whole_file(storage.filesystem(uri), fs_path(uri), data, is_remote(uri))
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:
@@ -498,12 +491,12 @@ def score_predictions(options: VQAOptions) -> dict[str, Any]:
 def _check_target(options: VQAOptions, uris: list[str], target: str) -> None:
     """--output is writable, does not hold the predictions being read, and has no other predictions."""
     check_output_writable(CaptionOptions(inputs=(), output=options.output, model="", storage=options.storage))
-    root = _local_or_key(target).rstrip("/") + "/"
-    if any(_local_or_key(u).startswith(root) for u in uris):
+    root = fs_path(target).rstrip("/") + "/"
+    if any(fs_path(u).startswith(root) for u in uris):
         raise OptionsError(f"--score-only {options.score_only} is inside --output {options.output}/{PREDICTIONS_DIR}; "
                            "choose another --output")
     fs = options.storage.filesystem(target)
-    existing = [p for p in (fs.ls(_local_or_key(target), detail=False) if fs.exists(_local_or_key(target)) else [])
+    existing = [p for p in (fs.ls(fs_path(target), detail=False) if fs.exists(fs_path(target)) else [])
                 if str(p).endswith(".parquet")]
     if existing and not options.force:
         raise OptionsError(f"--output {options.output}: {PREDICTIONS_DIR}/ already holds predictions; use another "
@@ -512,7 +505,7 @@ def _check_target(options: VQAOptions, uris: list[str], target: str) -> None:
 
 def _clear_parts(storage: StorageOptions, target: str) -> None:
     fs = storage.filesystem(target)
-    path = _local_or_key(target)
+    path = fs_path(target)
     if fs.exists(path):
         for p in fs.ls(path, detail=False):
             name = os.path.basename(str(p).rstrip("/"))

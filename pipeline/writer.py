@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.options import OptionsError
-from pipeline.storage import StorageOptions, is_remote, strip_scheme
+from pipeline.storage import StorageOptions, fs_path, is_remote, write_whole_file
 from pipeline.units import ROW, UNIT, Unit
 
 MANIFEST = "_manifest.json"
@@ -37,7 +37,7 @@ class UnitWriter:
     def __init__(self, output: str, storage: StorageOptions, schema: pa.Schema, metadata: dict[str, str]):
         self.output = output.rstrip("/")
         self.fs = storage.filesystem(output)
-        self.root = strip_scheme(self.output) if is_remote(self.output) else os.path.abspath(self.output)
+        self.root = fs_path(self.output)
         self.remote = is_remote(self.output)
         self.schema = schema.with_metadata({**(schema.metadata or {}), **{k: v.encode() for k, v in metadata.items()}})
         self.pending: dict[int, _Pending] = {}
@@ -164,14 +164,7 @@ class UnitWriter:
         return pa.Table.from_arrays(columns, schema=self.schema)
 
     def _write_bytes(self, name: str, data: bytes) -> None:
-        if self.remote:
-            with self.fs.open(self.path(name), "wb") as f:
-                f.write(data)
-            return
-        tmp = self.path(f".tmp-{uuid.uuid4().hex}-{name}")
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, self.path(name))
+        write_whole_file(self.fs, self.path(name), data, self.remote)
 
 
 def output_schema(input_schema: pa.Schema, id_column: str, id_generated: bool, keep_columns: tuple[str, ...],
