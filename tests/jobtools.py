@@ -108,25 +108,24 @@ def cmdline(pid: int) -> str:
         return ""
 
 
-def pss_bytes(pid: int) -> int:
-    """Proportional set size (shared pages split between their users), 0 if the process is gone."""
+def _proc_kib_field(pid: int, file: str, key: str) -> int:
+    """A `key: N kB` line of /proc/<pid>/<file> in bytes, 0 if the process is gone."""
     try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
+        for line in Path(f"/proc/{pid}/{file}").read_text().splitlines():
+            if line.startswith(key):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
     return 0
+
+
+def pss_bytes(pid: int) -> int:
+    """Proportional set size (shared pages split between their users), 0 if the process is gone."""
+    return _proc_kib_field(pid, "smaps_rollup", "Pss:")
 
 
 def rss_bytes(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return _proc_kib_field(pid, "status", "VmRSS:")
 
 
 @dataclass
