@@ -49,7 +49,7 @@ class Ours:
         # The VQ runs in the model dtype too, as transformers runs it: the same dtype on both sides.
         self.engine = ChameleonEngine.from_pretrained(ckpt, device=device, dtype=dtype, vq_dtype=dtype)
         if compile_model:
-            self.engine.compile()
+            self.engine.compile(layers=True)
 
     def run(self, images, new_tokens: int) -> dict:
         from chameleon_core import SamplingParams

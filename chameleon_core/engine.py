@@ -17,6 +17,7 @@ from chameleon_core.distributed import TPGroup
 from chameleon_core.errors import CheckpointError
 from chameleon_core.generate import GenerationResult, generate, left_pad
 from chameleon_core.model import ChameleonForCausalLM, causal_padding_mask, positions_from_mask
+from chameleon_core.packed_linear import pack_parameter
 from chameleon_core.processor import ChameleonProcessor
 from chameleon_core.sampling import SamplingParams
 from chameleon_core.tokenizer import ImageVocabulary
@@ -64,7 +65,9 @@ def load_model(
     load_weights(model, model_dir, dtype, device, shards, keep_dtype_prefixes=keep)
     if vq_dtype is not None:
         model.model.vqmodel.to(parse_dtype(vq_dtype))
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    pack_parameter(model.lm_head)  # CPU only; a no-op elsewhere
+    return model
 
 
 @dataclass
@@ -83,25 +86,28 @@ class ChameleonEngine:
         self.tp = tp
         self._vq_encode = None  # compiled VQ encoder, see compile()
         self._vq_batch = 0
-        self._decode_step = None
 
-    def compile(self, vq_batch: int = 8, vq: bool = True, decode: bool = False) -> None:
-        """Compile the VQ encoder (and optionally the one-token decode step) with torch.compile.
+    def compile(self, vq_batch: int = 8, vq: bool = True, layers: bool = False) -> None:
+        """Compile the VQ encoder and, optionally, each decoder layer with torch.compile.
 
         The VQ encoder is a long chain of convolutions, group norms and swish activations that inductor
         fuses: 2.5x faster on a 2-core CPU in bf16 (bench/RESULTS.md). It always sees chunks of
-        `vq_batch` images (the last one padded) so it compiles once, for tens of seconds. The decode
-        step is compiled with a dynamic batch and cache length; it gained nothing on CPU, where the step
-        is bound by reading the weights, so it is off by default. Prefill stays eager: its shape
-        changes with every batch.
+        `vq_batch` images (the last one padded) so it compiles once, for tens of seconds.
+
+        A decoder layer is a few matmuls among some forty small ops (norms, rotary, qk-norm, cache
+        writes, softmax, SiLU); on a CPU those small ops cost as much as the matmuls of a decode step
+        and a good part of a prefill. Compiling the layers (dynamic batch, prompt and cache lengths, so
+        one graph serves prefill and another decode) fuses them; the lm_head stays outside the compiled
+        graphs, where it keeps the CPU's packed layout (packed_linear).
         """
         if vq:
             vqmodel = self.model.model.vqmodel
             vqmodel.to(memory_format=torch.channels_last)
             self._vq_encode = torch.compile(vqmodel.encode, dynamic=False)
             self._vq_batch = vq_batch
-        if decode:
-            self._decode_step = torch.compile(self.model, dynamic=True)
+        if layers:
+            for layer in self.model.model.layers:
+                layer.compile(dynamic=True)
 
     def _encode_codes(self, pixels: torch.Tensor) -> torch.Tensor:
         vqmodel = self.model.model.vqmodel
@@ -168,7 +174,7 @@ class ChameleonEngine:
         self, prompts: Sequence[Sequence[int]], params: SamplingParams, seeds: Sequence[int] | None = None
     ) -> GenerationResult:
         tok = self.tokenizer
-        return generate(self.model, prompts, params, tok.eos_id, tok.pad_id, seeds, decode_step=self._decode_step)
+        return generate(self.model, prompts, params, tok.eos_id, tok.pad_id, seeds)
 
     def generate(
         self,

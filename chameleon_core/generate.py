@@ -61,16 +61,13 @@ def generate(
     seeds: Sequence[int] | None = None,
     sync_every: int = 4,
     compact_below: float = 0.75,
-    decode_step: ChameleonForCausalLM | None = None,
 ) -> GenerationResult:
     """Generate up to `params.max_new_tokens` tokens for every prompt (lists of token ids).
 
     `seeds` gives each row its own sampling seed; by default a row's seed is derived from
     `params.seed` and its prompt, so a sample never depends on the rest of the batch.
     Rows are compacted away once fewer than `compact_below` of the current batch is still running.
-    `decode_step` runs the one-token steps in place of `model` (a compiled version of it).
     """
-    step_model = model if decode_step is None else decode_step
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt and no empty prompt")
     device = model.device
@@ -132,7 +129,7 @@ def generate(
                 if seed_tensor is not None:
                     seed_tensor = seed_tensor[live]
         key_valid[:, prompt_len + step] = True
-        logits = step_model(
+        logits = model(
             tokens[:, None], next_pos[:, None], key_valid[:, None, None, :], cache, columns[step : step + 1], None
         )
         next_pos = next_pos + 1

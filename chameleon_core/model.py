@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from chameleon_core.config import ChameleonConfig
-from chameleon_core.kv_cache import StaticKVCache
+from chameleon_core.kv_cache import LayerKV, StaticKVCache
+from chameleon_core.packed_linear import linear
 from chameleon_core.vqvae import VQVAE
 
 
@@ -67,9 +68,8 @@ class RotaryEmbedding(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ChameleonConfig, layer_idx: int):
+    def __init__(self, config: ChameleonConfig):
         super().__init__()
-        self.layer_idx = layer_idx
         self.head_dim = config.head_dim
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
@@ -87,7 +87,7 @@ class Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         mask: torch.Tensor | None,
-        kv_cache: StaticKVCache | None,
+        layer_kv: LayerKV | None,
         cache_positions: torch.Tensor | None,
         kv_len: int | None,
     ) -> torch.Tensor:
@@ -99,8 +99,8 @@ class Attention(nn.Module):
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        if kv_cache is not None:
-            k, v = kv_cache.update(self.layer_idx, cache_positions, k, v, kv_len)
+        if layer_kv is not None:
+            k, v = layer_kv.update(cache_positions, k, v, kv_len)
         n_rep = q.shape[1] // k.shape[1]
         if n_rep > 1:
             k = k.repeat_interleave(n_rep, dim=1)
@@ -138,20 +138,20 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ChameleonConfig, layer_idx: int):
+    def __init__(self, config: ChameleonConfig):
         super().__init__()
         self.swin_norm = config.swin_norm
-        self.self_attn = Attention(config, layer_idx)
+        self.self_attn = Attention(config)
         self.mlp = MLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, kv_cache, cache_positions, kv_len) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask, layer_kv, cache_positions, kv_len) -> torch.Tensor:
         if self.swin_norm:
             # 30B layout: the norms wrap the sublayer outputs instead of their inputs.
-            h = x + self.input_layernorm(self.self_attn(x, cos, sin, mask, kv_cache, cache_positions, kv_len))
+            h = x + self.input_layernorm(self.self_attn(x, cos, sin, mask, layer_kv, cache_positions, kv_len))
             return h + self.post_attention_layernorm(self.mlp(h))
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, cache_positions, kv_len)
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, layer_kv, cache_positions, kv_len)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -159,10 +159,21 @@ class ChameleonModel(nn.Module):
     def __init__(self, config: ChameleonConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.vqmodel = VQVAE(config.vq)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+
+
+class LMHead(nn.Module):
+    """The bias-free (vocab, hidden) output projection; its weight may be packed for the CPU (packed_linear)."""
+
+    def __init__(self, hidden_size: int, vocab_size: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return linear(hidden, self.weight)
 
 
 class ChameleonForCausalLM(nn.Module):
@@ -172,7 +183,7 @@ class ChameleonForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = ChameleonModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = LMHead(config.hidden_size, config.vocab_size)
         self.register_buffer("image_token_ids", image_token_ids.clone(), persistent=False)
 
     @property
@@ -201,8 +212,9 @@ class ChameleonForCausalLM(nn.Module):
         """
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.model.rotary(positions, x.dtype)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, kv_cache, cache_positions, kv_len)
+        for i, layer in enumerate(self.model.layers):
+            layer_kv = kv_cache.layers[i] if kv_cache is not None else None
+            x = layer(x, cos, sin, mask, layer_kv, cache_positions, kv_len)
         if last_only:
             x = x[:, -1]
         return self.compute_logits(self.model.norm(x))

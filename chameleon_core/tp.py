@@ -27,6 +27,7 @@ from chameleon_core.checkpoint import Shard
 from chameleon_core.distributed import TPGroup
 from chameleon_core.errors import TensorParallelError
 from chameleon_core.model import ChameleonForCausalLM
+from chameleon_core.packed_linear import linear
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -50,7 +51,7 @@ class VocabParallelLMHead(nn.Module):
         self.weight = nn.Parameter(torch.empty(length, dim, device="meta"))
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight)
+        logits = linear(hidden, self.weight)
         if self.length < self.chunk:  # the last rank's slice is short when tp does not divide the vocab
             logits = F.pad(logits, (0, self.chunk - self.length))
         return self.tp.all_gather_last_dim(logits)[..., : self.vocab_size]

@@ -8,11 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from chameleon_core import ChameleonConfig, ChameleonEngine, CheckpointError, load_model
 from chameleon_core.checkpoint import checkpoint_files, parse_dtype
+from chameleon_core.packed_linear import can_pack
 from chameleon_core.random_checkpoint import main as random_checkpoint_main
 
 
@@ -72,6 +74,26 @@ def test_dtype_policy_keeps_vq_weights_in_their_stored_dtype(tiny_ckpt):
     assert load_model(tiny_ckpt, dtype="float16", vq_dtype="float16").model.vqmodel.dtype == torch.float16
     assert all(not p.is_meta for p in model.parameters())
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_lm_head_is_packed_and_computes_the_same_logits(tiny_ckpt, dtype):
+    """On the CPU the loaded lm_head lives in oneDNN's layout; it holds exactly the checkpoint's values
+    and gives F.linear's logits up to summation order."""
+    model = load_model(tiny_ckpt, dtype=dtype)
+    packed = model.lm_head.weight
+    with safe_open(str(tiny_ckpt / "model.safetensors"), framework="pt") as f:
+        stored = f.get_tensor("lm_head.weight").to(dtype)
+    assert packed.is_mkldnn == can_pack(stored)
+    assert packed.is_mkldnn, "the CPU wheel of torch ships oneDNN: the head should be packed here"
+    assert packed.shape == stored.shape and packed.dtype == dtype
+    hidden = torch.randn(5, stored.shape[1], generator=torch.Generator().manual_seed(0)).to(dtype)
+    want = F.linear(hidden.float(), stored.float())
+    got = model.lm_head(hidden).float()
+    assert got.shape == (5, stored.shape[0])
+    tol = 1e-4 if dtype == torch.float32 else 1e-2 * want.abs().max().item()  # bf16: output rounding
+    assert (got - want).abs().max().item() < tol
+    assert torch.equal(packed.to_dense(), stored)
 
 def test_random_checkpoint_cli_bfloat16(tmp_path):
     assert random_checkpoint_main([str(tmp_path / "ck"), "--preset", "tiny", "--dtype", "bfloat16",

@@ -1,4 +1,4 @@
-"""The compiled paths (VQ encoder, decode step) give the eager path's codes and tokens."""
+"""The compiled paths (VQ encoder, decoder layers) give the eager path's codes and tokens."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def test_compiled_engine_matches_eager(tiny_ckpt, skimage_data):
 
     eager = ChameleonEngine.from_pretrained(tiny_ckpt)
     compiled = ChameleonEngine.from_pretrained(tiny_ckpt)
-    compiled.compile(vq_batch=2, decode=True)  # 3 images: one full chunk and one padded chunk
+    compiled.compile(vq_batch=2, layers=True)  # 3 images: one full chunk and one padded chunk
 
     crops = [eager.processor.image_preprocessor.crop(im) for im in images]
     assert compiled.image_tokens(np.stack(crops)).tolist() == eager.image_tokens(np.stack(crops)).tolist()
