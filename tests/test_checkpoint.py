@@ -85,7 +85,8 @@ def test_cpu_lm_head_is_packed_and_computes_the_same_logits(tiny_ckpt, dtype):
     with safe_open(str(tiny_ckpt / "model.safetensors"), framework="pt") as f:
         stored = f.get_tensor("lm_head.weight").to(dtype)
     assert packed.is_mkldnn == can_pack(stored)
-    assert packed.is_mkldnn, "the CPU wheel of torch ships oneDNN: the head should be packed here"
+    if dtype == torch.float32:  # bf16 packing also needs CPU support (AVX-512); fp32 needs only oneDNN
+        assert packed.is_mkldnn, "the CPU wheel of torch ships oneDNN: the fp32 head should be packed"
     assert packed.shape == stored.shape and packed.dtype == dtype
     hidden = torch.randn(5, stored.shape[1], generator=torch.Generator().manual_seed(0)).to(dtype)
     want = F.linear(hidden.float(), stored.float())
