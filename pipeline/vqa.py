@@ -327,9 +327,10 @@ def read_predictions(uris: list[str], storage: StorageOptions,
 
 
 def _write(storage: StorageOptions, uri: str, data: bytes) -> None:
-    if not is_remote(uri):
-        os.makedirs(os.path.dirname(fs_path(uri)), exist_ok=True)
-    write_whole_file(storage.filesystem(uri), fs_path(uri), data, is_remote(uri))
+    path, remote = fs_path(uri), is_remote(uri)
+    if not remote:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    write_whole_file(storage.filesystem(uri), path, data, remote)
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:
