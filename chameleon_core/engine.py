@@ -13,6 +13,7 @@ from PIL import Image
 
 from chameleon_core.checkpoint import VQ_PREFIX, load_weights, parse_dtype
 from chameleon_core.config import ChameleonConfig
+from chameleon_core.cpu_allocator import keep_freed_memory
 from chameleon_core.distributed import TPGroup
 from chameleon_core.errors import CheckpointError
 from chameleon_core.generate import GenerationResult, generate, left_pad
@@ -67,6 +68,8 @@ def load_model(
         model.model.vqmodel.to(parse_dtype(vq_dtype))
     model = model.to(device).eval()
     pack_parameter(model.lm_head)  # CPU only; a no-op elsewhere
+    if device.type == "cpu":
+        keep_freed_memory()  # after loading: see cpu_allocator
     return model
 
 

@@ -1,0 +1,44 @@
+"""CPU only: keep freed tensor memory in the process instead of handing it back to the kernel.
+
+A batch allocates and frees a few GB of short-lived tensors: VQ activations (67 MB each for eight
+256px images in fp32), prefill activations, the KV cache. glibc serves every block above its mmap
+threshold with a fresh mmap and unmaps it on free, and trims the heap top behind freed blocks, so the
+next batch faults the same memory in again one page at a time. On the 2-core dev machine that was
+about 550k page faults per batch of 8 and a quarter of all CPU time spent in the kernel (eager: 2.62 s
+-> 2.29 s per batch; compiled: 2.0 s -> 1.7-1.8 s). With mmap off and a high trim threshold, freed
+blocks stay in the heap and the next batch reuses them; peak RSS rose by about 7%.
+
+The setting is process-wide and must come after the weights are loaded, so that loading's large
+temporaries are still mapped and unmapped as usual.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+
+# mallopt parameters from glibc's malloc.h
+_M_TRIM_THRESHOLD = -1
+_M_TOP_PAD = -2
+_M_MMAP_MAX = -4
+
+_TRIM_THRESHOLD = 1 << 30  # keep up to 1 GiB free at the heap top: a few batches' worth of activations
+_TOP_PAD = 64 << 20  # grow the heap in large steps, not one block at a time
+
+
+def keep_freed_memory() -> bool:
+    """Tell glibc's malloc to reuse freed blocks rather than unmap and re-fault them.
+
+    True when the allocator was tuned; False (and nothing changed) where the C library is not glibc.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return all(mallopt(param, value) == 1 for param, value in (
+        (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _TRIM_THRESHOLD), (_M_TOP_PAD, _TOP_PAD),
+    ))
