@@ -54,7 +54,7 @@ def machine() -> str:
 
 
 class PeakRSS:
-    """Peak resident memory of this process above its level at entry, sampled every few milliseconds."""
+    """Peak resident memory of this process (weights included) while inside, sampled every few milliseconds."""
 
     def __init__(self, interval_s: float = 0.005):
         self.interval_s = interval_s
@@ -66,7 +66,7 @@ class PeakRSS:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
     def __enter__(self) -> PeakRSS:
-        self._base = self.rss_mib()
+        self.peak_mib = self.rss_mib()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -74,13 +74,13 @@ class PeakRSS:
 
     def _sample(self) -> None:
         while not self._stop.is_set():
-            self.peak_mib = max(self.peak_mib, self.rss_mib() - self._base)
+            self.peak_mib = max(self.peak_mib, self.rss_mib())
             time.sleep(self.interval_s)
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak_mib = max(self.peak_mib, self.rss_mib() - self._base)
+        self.peak_mib = max(self.peak_mib, self.rss_mib())
 
 
 def gpu_peak_mib() -> float:

@@ -2,8 +2,10 @@
 
 Both sides start from the same PIL images and prompts (image preprocessing, VQ encoding, prefill and
 decode all counted), in the same dtype on the same device, alternating A/B so that drift in the
-machine's speed hits both. Prints a table and the ratio of images/s with its spread, and appends them
-to bench/RESULTS.md.
+machine's speed hits both. Each side runs in a process of its own, as a user would run it: process-wide
+state that one side sets (chameleon_core's allocator policy, compiled graphs, thread pools) never
+reaches the other's timings, and peak memory is each side's own. Prints a table and the ratio of
+images/s with its spread, and appends them to bench/RESULTS.md.
 
     python bench/generate.py --preset small --runs 5                 # CPU, here
     python bench/generate.py --preset 7b-shape --device cuda --dtype bfloat16 --batch 16
@@ -12,6 +14,7 @@ to bench/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import statistics
 import time
 
@@ -113,7 +116,7 @@ def _sync(device) -> None:
 
 
 def timed(side, images, new_tokens: int) -> dict:
-    _sync(side.device if hasattr(side, "device") else "cpu")
+    _sync(side.device)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     with common.PeakRSS() as rss:
@@ -122,6 +125,56 @@ def timed(side, images, new_tokens: int) -> dict:
         result["wall_s"] = time.perf_counter() - start
     result["peak_mib"] = common.gpu_peak_mib() if torch.cuda.is_available() else rss.peak_mib
     return result
+
+
+def _serve(conn, kind: str, args: argparse.Namespace) -> None:
+    """A side's process: build it, warm it up, then answer "run"/"profile" requests until "stop"."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from chameleon_core.engine import resolve_device
+
+    device = resolve_device(args.device)
+    ckpt = common.checkpoint(args.preset)
+    images = [Image.open(p).convert("RGB") for p in common.sample_images(args.batch)]
+    side = Ours(ckpt, device, args.torch_dtype, not args.no_compile) if kind == "ours" else Transformers(
+        ckpt, device, args.torch_dtype)
+    start = time.perf_counter()
+    side.run(images, args.new_tokens)  # warm-up (and compilation) outside the timed runs
+    print(f"warm-up {side.name}: {time.perf_counter() - start:.1f}s", flush=True)
+    conn.send(side.name)
+    while (request := conn.recv()) != "stop":
+        if request == "run":
+            conn.send(timed(side, images, args.new_tokens))
+        else:
+            profile(side, images, args.new_tokens)
+            conn.send(None)
+
+
+class SideProcess:
+    """One side of the comparison in its own spawned process, driven over a pipe."""
+
+    def __init__(self, kind: str, args: argparse.Namespace):
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_serve, args=(child, kind, args), daemon=True)
+        self.process.start()
+        self.name = self._receive()
+
+    def _receive(self):
+        if not self.conn.poll(3600):
+            raise TimeoutError("benchmark side did not answer within an hour")
+        try:
+            return self.conn.recv()
+        except EOFError:
+            raise RuntimeError(f"benchmark side process exited with code {self.process.exitcode}") from None
+
+    def request(self, what: str):
+        self.conn.send(what)
+        return self._receive()
+
+    def stop(self) -> None:
+        self.conn.send("stop")
+        self.process.join()
 
 
 def main() -> None:
@@ -133,30 +186,25 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    dtype = {"auto": torch.bfloat16, "bfloat16": torch.bfloat16, "float16": torch.float16,
-             "float32": torch.float32}[args.dtype]
-    ckpt = common.checkpoint(args.preset)
-    images = [Image.open(p).convert("RGB") for p in common.sample_images(args.batch)]
-    sides = [Ours(ckpt, device, dtype, not args.no_compile)]
-    if not args.no_hf:
-        sides.append(Transformers(ckpt, device, dtype))
-
-    for side in sides:  # warm-up (and compilation) outside the timed runs
-        t = time.perf_counter()
-        side.run(images, args.new_tokens)
-        print(f"warm-up {side.name}: {time.perf_counter() - t:.1f}s", flush=True)
+    args.torch_dtype = {"auto": torch.bfloat16, "bfloat16": torch.bfloat16, "float16": torch.float16,
+                        "float32": torch.float32}[args.dtype]
+    ckpt = common.checkpoint(args.preset)  # written once, here, before the sides start
+    # One at a time, so the second side's loading does not slow the first one's warm-up.
+    sides = [SideProcess("ours", args)] + ([] if args.no_hf else [SideProcess("transformers", args)])
     if args.profile:
-        profile(sides[0], images, args.new_tokens)
+        sides[0].request("profile")
 
     runs: dict[str, list[dict]] = {s.name: [] for s in sides}
     for i in range(args.runs):
         for side in sides if i % 2 == 0 else sides[::-1]:
-            runs[side.name].append(timed(side, images, args.new_tokens))
+            runs[side.name].append(side.request("run"))
+    for side in sides:
+        side.stop()
 
     config = ChameleonConfig.from_pretrained(ckpt)
     cost = CostModel(config)
     peaks = device_peaks(torch.cuda.get_device_name()) if device.type == "cuda" else None
-    lines = table(runs, args, cost, peaks, dtype)
+    lines = table(runs, args, cost, peaks, args.torch_dtype)
     if len(sides) == 2:
         ours, hf = (runs[s.name] for s in sides)
         ratios = [b["wall_s"] / a["wall_s"] for a, b in zip(ours, hf)]
@@ -165,14 +213,15 @@ def main() -> None:
                   f"greedy outputs identical for {same}/{args.batch} rows"]
     print("\n".join(lines))
     if not args.no_record:
-        common.append_result(f"bench/generate.py preset={args.preset} device={device.type} dtype={str(dtype)[6:]} "
-                             f"batch={args.batch} new_tokens={args.new_tokens} compile={not args.no_compile}", lines)
+        common.append_result(f"bench/generate.py preset={args.preset} device={device.type} "
+                             f"dtype={str(args.torch_dtype)[6:]} batch={args.batch} new_tokens={args.new_tokens} "
+                             f"compile={not args.no_compile} (one process per side)", lines)
 
 
 def table(runs, args, cost, peaks, dtype) -> list[str]:
     dtype_bytes = torch.finfo(dtype).bits // 8
     head = ("| side | images/s (median) | wall s (median, min-max) | TTFT s | prefill tok/s | decode tok/s "
-            "| peak mem MiB | achieved |")
+            "| peak MiB | achieved |")
     lines = [head, "|" + "---|" * 8]
     for name, rs in runs.items():
         wall = [r["wall_s"] for r in rs]
@@ -194,7 +243,8 @@ def table(runs, args, cost, peaks, dtype) -> list[str]:
                      f"| {max(r['peak_mib'] for r in rs):.0f} | {achieved} |")
     lines.append("")
     lines.append("TTFT includes preprocessing and VQ encoding; prefill tok/s is prompt tokens over TTFT; "
-                 "'achieved' uses chameleon_core/cost_model.py.")
+                 "peak MiB is the side's process RSS (CPU) or CUDA memory allocated (GPU), "
+                 "weights included; 'achieved' uses chameleon_core/cost_model.py.")
     return lines
 
 
