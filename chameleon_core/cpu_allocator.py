@@ -9,7 +9,9 @@ about 550k page faults per batch of 8 and a quarter of all CPU time spent in the
 blocks stay in the heap and the next batch reuses them; peak RSS rose by about 7%.
 
 The setting is process-wide and must come after the weights are loaded, so that loading's large
-temporaries are still mapped and unmapped as usual.
+temporaries are still mapped and unmapped as usual. It covers the main heap, where a plain loop or a
+job's main thread allocates. A thread with its own glibc arena maps blocks above 64 MiB regardless
+(Ray Data runs the generate actor's calls on such a thread, so the pipeline still faults there).
 """
 
 from __future__ import annotations
