@@ -183,8 +183,6 @@ def main() -> None:
     from chameleon_core.cost_model import CostModel, device_peaks
     from chameleon_core.engine import resolve_device
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     args.torch_dtype = {"auto": torch.bfloat16, "bfloat16": torch.bfloat16, "float16": torch.float16,
                         "float32": torch.float32}[args.dtype]
