@@ -9,9 +9,11 @@ about 550k page faults per batch of 8 and a quarter of all CPU time spent in the
 blocks stay in the heap and the next batch reuses them; peak RSS rose by about 7%.
 
 The setting is process-wide and must come after the weights are loaded, so that loading's large
-temporaries are still mapped and unmapped as usual. It covers the main heap, where a plain loop or a
-job's main thread allocates. A thread with its own glibc arena maps blocks above 64 MiB regardless
-(Ray Data runs the generate actor's calls on such a thread, so the pipeline still faults there).
+temporaries are still mapped and unmapped as usual. It covers the main heap, where the main thread
+allocates. A thread with its own glibc arena maps every block above 64 MiB whatever the setting, so
+batches should run on the main thread: the caption pipeline's generate actors do (Ray Data's default
+actor pool would call them on a helper thread). Small allocations made between batches split freed
+blocks, so the heap keeps growing over the first few batches before every block finds room.
 """
 
 from __future__ import annotations
