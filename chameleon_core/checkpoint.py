@@ -116,9 +116,11 @@ def load_weights(
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for name in names:
                 tensor = _read_tensor(f, name, path, expected[name], shards.get(name))
-                if not name.startswith(keep_dtype_prefixes):
-                    tensor = tensor.to(dtype)
-                _assign(model, name, tensor.to(device))
+                target = tensor.dtype if name.startswith(keep_dtype_prefixes) else dtype
+                # Always a copy: a tensor read from the file is a view of its memory map, and one such
+                # view kept alive keeps every page read from that file resident, including those of
+                # tensors that were converted or repacked since (the CPU's packed linears).
+                _assign(model, name, tensor.to(device=device, dtype=target, copy=True))
 
 
 def _read_tensor(f, name: str, path: Path, param: nn.Parameter, shard: Shard | None) -> torch.Tensor:

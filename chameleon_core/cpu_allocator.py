@@ -43,6 +43,9 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    # First hand back what loading freed (the row-major copies of the packed weights, between live
+    # blocks where trimming the heap top never reaches); from then on freed blocks stay.
+    libc.malloc_trim(0)
     return all(mallopt(param, value) == 1 for param, value in (
         (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _TRIM_THRESHOLD), (_M_TOP_PAD, _TOP_PAD),
     ))
