@@ -13,7 +13,7 @@ from torch import nn
 
 from chameleon_core.config import ChameleonConfig
 from chameleon_core.kv_cache import LayerKV, StaticKVCache
-from chameleon_core.packed_linear import linear
+from chameleon_core.packed_linear import Linear
 from chameleon_core.vqvae import VQVAE
 
 
@@ -74,10 +74,10 @@ class Attention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         d = config.hidden_size
-        self.q_proj = nn.Linear(d, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=False)
+        self.q_proj = Linear(d, self.num_heads * self.head_dim)
+        self.k_proj = Linear(d, self.num_kv_heads * self.head_dim)
+        self.v_proj = Linear(d, self.num_kv_heads * self.head_dim)
+        self.o_proj = Linear(self.num_heads * self.head_dim, d)
         self.q_norm = QKLayerNorm(self.num_heads, self.head_dim)
         self.k_norm = QKLayerNorm(self.num_kv_heads, self.head_dim)
 
@@ -90,14 +90,20 @@ class Attention(nn.Module):
         layer_kv: LayerKV | None,
         cache_positions: torch.Tensor | None,
         kv_len: int | None,
+        last_query_only: bool = False,
     ) -> torch.Tensor:
+        """Attention output (B, Tq, D): Tq = T, or 1 with `last_query_only` (keys and values still cover T)."""
         B, T, _ = x.shape
+        # With `last_query_only` the other positions' queries are never computed; their keys and values are.
+        q = self.q_proj(x[:, -1:] if last_query_only else x)
+        k, v = self.k_proj(x), self.v_proj(x)
+        Tq = q.shape[1]
         # Head counts come from the weights so that a tensor-parallel shard needs no extra bookkeeping.
-        q = self.q_norm(self.q_proj(x).view(B, T, -1, self.head_dim)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(x).view(B, T, -1, self.head_dim)).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        q = self.q_norm(q.view(B, Tq, -1, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(k.view(B, T, -1, self.head_dim)).transpose(1, 2)
+        v = v.view(B, T, -1, self.head_dim).transpose(1, 2)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        q = q * cos + rotate_half(q) * sin
+        q = q * cos[:, :, T - Tq :] + rotate_half(q) * sin[:, :, T - Tq :]
         k = k * cos + rotate_half(k) * sin
         if layer_kv is not None:
             k, v = layer_kv.update(cache_positions, k, v, kv_len)
@@ -105,33 +111,37 @@ class Attention(nn.Module):
         if n_rep > 1:
             k = k.repeat_interleave(n_rep, dim=1)
             v = v.repeat_interleave(n_rep, dim=1)
-        if T == 1:
-            out = decode_attention(q, k, v, mask)
+        if Tq == 1:  # a decode step, or the last position of a prompt: its mask row is the last one
+            out = single_query_attention(q, k, v, None if mask is None else mask[:, :, -1:])
         elif mask is None:  # no padding anywhere in the batch: the fused causal kernel, no mask tensor
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+        return self.o_proj(out.transpose(1, 2).reshape(B, Tq, -1))
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Attention of one new token per row: two small batched matmuls.
+def single_query_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """Attention of one query per row (a decode step, or a prompt's last position): two small batched
+    matmuls. `mask` (B, 1, 1, S) says which keys each row may attend; None means all of them.
 
     The CPU flash-attention kernel behind SDPA spends about a millisecond per call on a single query
     (it tiles for long queries), which made attention a fifth of a decode step; plain matmuls with a
     float32 softmax take a few microseconds and agree with SDPA to rounding.
     """
     scores = torch.matmul(q, k.transpose(-1, -2)).float() * (q.shape[-1] ** -0.5)
-    scores = scores.masked_fill(~mask, float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
     return torch.matmul(scores.softmax(dim=-1).to(v.dtype), v)
 
 
 class MLP(nn.Module):
     def __init__(self, config: ChameleonConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_proj = Linear(config.hidden_size, config.intermediate_size)
+        self.up_proj = Linear(config.hidden_size, config.intermediate_size)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -146,12 +156,15 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, layer_kv, cache_positions, kv_len) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask, layer_kv, cache_positions, kv_len, last_only: bool = False) -> torch.Tensor:
+        """(B, T, D), or (B, 1, D) for the last position only while keys and values cover all T."""
+        attend = (cos, sin, mask, layer_kv, cache_positions, kv_len, last_only)
+        residual = x[:, -1:] if last_only else x
         if self.swin_norm:
             # 30B layout: the norms wrap the sublayer outputs instead of their inputs.
-            h = x + self.input_layernorm(self.self_attn(x, cos, sin, mask, layer_kv, cache_positions, kv_len))
+            h = residual + self.input_layernorm(self.self_attn(x, *attend))
             return h + self.post_attention_layernorm(self.mlp(h))
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, layer_kv, cache_positions, kv_len)
+        h = residual + self.self_attn(self.input_layernorm(x), *attend)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -165,17 +178,6 @@ class ChameleonModel(nn.Module):
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
 
 
-class LMHead(nn.Module):
-    """The bias-free (vocab, hidden) output projection; its weight may be packed for the CPU (packed_linear)."""
-
-    def __init__(self, hidden_size: int, vocab_size: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size))
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return linear(hidden, self.weight)
-
-
 class ChameleonForCausalLM(nn.Module):
     """Decoder + untied lm_head. `forward` returns logits only for the positions asked for."""
 
@@ -183,7 +185,7 @@ class ChameleonForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = ChameleonModel(config)
-        self.lm_head = LMHead(config.hidden_size, config.vocab_size)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size)
         self.register_buffer("image_token_ids", image_token_ids.clone(), persistent=False)
 
     @property
@@ -212,9 +214,13 @@ class ChameleonForCausalLM(nn.Module):
         """
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.model.rotary(positions, x.dtype)
+        last = len(self.model.layers) - 1
         for i, layer in enumerate(self.model.layers):
             layer_kv = kv_cache.layers[i] if kv_cache is not None else None
-            x = layer(x, cos, sin, mask, layer_kv, cache_positions, kv_len)
+            # Only the last position's output of the last layer is read: its queries, attention and MLP
+            # run for that position alone (a prefill then does about 1/num_layers less work).
+            trim = last_only and i == last and x.shape[1] > 1
+            x = layer(x, cos, sin, mask, layer_kv, cache_positions, kv_len, trim)
         if last_only:
             x = x[:, -1]
         return self.compute_logits(self.model.norm(x))

@@ -27,7 +27,7 @@ from chameleon_core.checkpoint import Shard
 from chameleon_core.distributed import TPGroup
 from chameleon_core.errors import TensorParallelError
 from chameleon_core.model import ChameleonForCausalLM
-from chameleon_core.packed_linear import linear
+from chameleon_core.packed_linear import Linear
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -44,14 +44,14 @@ class VocabParallelEmbedding(nn.Module):
         return self.tp.all_reduce(out.masked_fill(outside[..., None], 0))
 
 
-class VocabParallelLMHead(nn.Module):
+class VocabParallelLMHead(Linear):
     def __init__(self, chunk: int, length: int, dim: int, vocab_size: int, tp: TPGroup):
-        super().__init__()
+        with torch.device("meta"):
+            super().__init__(dim, length)
         self.chunk, self.length, self.vocab_size, self.tp = chunk, length, vocab_size, tp
-        self.weight = nn.Parameter(torch.empty(length, dim, device="meta"))
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = linear(hidden, self.weight)
+        logits = super().forward(hidden)
         if self.length < self.chunk:  # the last rank's slice is short when tp does not divide the vocab
             logits = F.pad(logits, (0, self.chunk - self.length))
         return self.tp.all_gather_last_dim(logits)[..., : self.vocab_size]

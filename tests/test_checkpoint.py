@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from chameleon_core import ChameleonConfig, ChameleonEngine, CheckpointError, load_model
 from chameleon_core.checkpoint import checkpoint_files, parse_dtype
-from chameleon_core.packed_linear import can_pack
+from chameleon_core.packed_linear import Linear, can_pack
 from chameleon_core.random_checkpoint import main as random_checkpoint_main
 
 
@@ -77,24 +77,37 @@ def test_dtype_policy_keeps_vq_weights_in_their_stored_dtype(tiny_ckpt):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_lm_head_is_packed_and_computes_the_same_logits(tiny_ckpt, dtype):
-    """On the CPU the loaded lm_head lives in oneDNN's layout; it holds exactly the checkpoint's values
-    and gives F.linear's logits up to summation order."""
+def test_cpu_linears_are_packed_and_compute_the_same_products(tiny_ckpt, dtype):
+    """On the CPU every loaded projection (the decoder's seven per layer and the lm_head) lives in
+    oneDNN's layout; each holds exactly the checkpoint's values and gives F.linear's output up to
+    summation order, in eager code and inside a compiled graph."""
     model = load_model(tiny_ckpt, dtype=dtype)
-    packed = model.lm_head.weight
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, Linear)}
+    assert len(linears) == 7 * model.config.num_hidden_layers + 1
+    gen = torch.Generator().manual_seed(0)
     with safe_open(str(tiny_ckpt / "model.safetensors"), framework="pt") as f:
-        stored = f.get_tensor("lm_head.weight").to(dtype)
-    assert packed.is_mkldnn == can_pack(stored)
-    if dtype == torch.float32:  # bf16 packing also needs CPU support (AVX-512); fp32 needs only oneDNN
-        assert packed.is_mkldnn, "the CPU wheel of torch ships oneDNN: the fp32 head should be packed"
-    assert packed.shape == stored.shape and packed.dtype == dtype
-    hidden = torch.randn(5, stored.shape[1], generator=torch.Generator().manual_seed(0)).to(dtype)
-    want = F.linear(hidden.float(), stored.float())
-    got = model.lm_head(hidden).float()
-    assert got.shape == (5, stored.shape[0])
-    tol = 1e-4 if dtype == torch.float32 else 1e-2 * want.abs().max().item()  # bf16: output rounding
-    assert (got - want).abs().max().item() < tol
-    assert torch.equal(packed.to_dense(), stored)
+        for name, module in linears.items():
+            stored = f.get_tensor(f"{name}.weight").to(dtype)
+            packed = module.weight
+            assert module.packed == packed.is_mkldnn == can_pack(stored), name
+            if dtype == torch.float32:  # bf16 packing also needs CPU support (AVX-512); fp32 needs only oneDNN
+                assert packed.is_mkldnn, f"{name}: the CPU wheel of torch ships oneDNN, fp32 should be packed"
+            assert packed.shape == stored.shape and packed.dtype == dtype
+            assert torch.equal(packed.to_dense(), stored), name
+            hidden = torch.randn(2, 3, stored.shape[1], generator=gen).to(dtype)
+            want = F.linear(hidden.float(), stored.float())
+            got = module(hidden).float()
+            assert got.shape == (2, 3, stored.shape[0])
+            tol = 1e-4 if dtype == torch.float32 else 1e-2 * want.abs().max().item()  # bf16: output rounding
+            assert (got - want).abs().max().item() < tol, name
+
+    head = linears["lm_head"]
+    if head.packed:  # a compiled graph reaches the packed weight through the custom op: the same oneDNN call
+        compiled = torch.compile(head.forward, dynamic=True)
+        hidden = torch.randn(5, head.weight.shape[1], generator=gen).to(dtype)
+        with torch.inference_mode():
+            assert torch.equal(compiled(hidden), head(hidden))
+
 
 def test_random_checkpoint_cli_bfloat16(tmp_path):
     assert random_checkpoint_main([str(tmp_path / "ck"), "--preset", "tiny", "--dtype", "bfloat16",
