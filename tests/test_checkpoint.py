@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -107,6 +108,17 @@ def test_cpu_linears_are_packed_and_compute_the_same_products(tiny_ckpt, dtype):
         hidden = torch.randn(5, head.weight.shape[1], generator=gen).to(dtype)
         with torch.inference_mode():
             assert torch.equal(compiled(hidden), head(hidden))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_loaded_model_keeps_no_view_of_the_checkpoint_files(hf_checkpoints):
+    """Parameters own their memory: no weight file stays memory-mapped once loading returns, so the
+    pages read from it (including those of weights repacked since) leave the process."""
+    folder = hf_checkpoints("gqa")  # sharded: several files
+    model = load_model(folder)
+    mapped = [line for line in Path("/proc/self/maps").read_text().splitlines() if str(folder) in line]
+    assert mapped == [], mapped
+    assert all(p.device.type == "cpu" and not p.is_meta for p in model.parameters())
 
 
 def test_random_checkpoint_cli_bfloat16(tmp_path):
