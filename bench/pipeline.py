@@ -116,7 +116,7 @@ def main() -> None:
         f"{', '.join(f'{t:.2f}' for t in pipes)} |",
         "",
         f"pipeline efficiency (pipeline images/s / loop images/s, medians): "
-        f"{statistics.median(pipe_ips) / statistics.median(loop_ips):.2f}",
+        f"{statistics.median(pipe_ips) / statistics.median(loop_ips):.3f}",
         f"rows {args.rows}, batch {args.batch_size}, new tokens {args.new_tokens}, dtype {args.dtype}, "
         f"preset {args.preset}",
         f"stage busy time in the last pipeline run: {json.dumps(stages)}; VQ encodings "
