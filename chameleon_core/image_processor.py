@@ -2,7 +2,8 @@
 
 The work is split in two so a pipeline can ship compact uint8 crops between machines:
 `ImagePreprocessor.crop` (decode, RGB, resize, centre crop -> uint8 CHW) runs on CPUs, and
-`ImagePreprocessor.normalize` (uint8 -> float32) runs next to the model.
+`ImagePreprocessor.normalize` (uint8 -> float32) runs next to the model. Only `normalize` needs
+torch, and imports it itself: a worker that only crops never loads it.
 """
 
 from __future__ import annotations
@@ -12,12 +13,15 @@ import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 
 from chameleon_core.errors import CheckpointError, ImageDecodeError
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_MAX_PIXELS = 64_000_000  # declared width*height; about 8000x8000
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
@@ -165,6 +169,8 @@ class ImagePreprocessor:
 
     def normalize(self, crops: torch.Tensor | np.ndarray) -> torch.Tensor:
         """uint8 (..., 3, H, W) -> float32, as `float32(x * rescale_factor)` then `(x - mean) / std`."""
+        import torch
+
         x = torch.as_tensor(crops)
         cfg = self.config
         # float64 multiply then float32 round, exactly like the reference's numpy path.

@@ -11,14 +11,15 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from chameleon_core.config import ChameleonConfig
 from chameleon_core.errors import CheckpointError, PromptError
 from chameleon_core.image_processor import ImagePreprocessor
 from chameleon_core.tokenizer import ChameleonTokenizer, ImageVocabulary
+
+if TYPE_CHECKING:  # building prompts needs no torch (a CPU preprocessing worker never imports it)
+    import torch
 
 
 class ChameleonProcessor:

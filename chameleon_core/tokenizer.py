@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from tokenizers import Tokenizer
 
 from chameleon_core.errors import CheckpointError
+
+if TYPE_CHECKING:  # tokenizing needs no torch; only the id tables below are tensors, built on first use
+    import torch
 
 IMAGE_CODE_PREFIX = "IMGIMG"
 _CODE_LETTERS = {chr(ord("A") + i): str(i) for i in range(10)}
@@ -52,9 +56,24 @@ class ImageVocabulary:
                 f"{'...' if len(missing) > 5 else ''} (codebook size {num_embeddings}); "
                 f"expected e.g. {image_code_token_name(missing[0])!r}"
             )
-        self.code_to_token = torch.tensor([code_to_id[c] for c in range(num_embeddings)], dtype=torch.long)
-        # Every IMGIMG id, also ones beyond the codebook: all of them are banned during text generation.
-        self.token_ids = torch.tensor(sorted(code_to_id.values()), dtype=torch.long)
+        self._code_to_id = code_to_id
+        self.num_embeddings = num_embeddings
+
+    # The tables are built on first use, always on the CPU: load_model first reads them while the model
+    # is being built under `torch.device("meta")`.
+    @cached_property
+    def code_to_token(self) -> torch.Tensor:
+        import torch
+
+        codes = [self._code_to_id[c] for c in range(self.num_embeddings)]
+        return torch.tensor(codes, dtype=torch.long, device="cpu")
+
+    @cached_property
+    def token_ids(self) -> torch.Tensor:
+        """Every IMGIMG id, also ones beyond the codebook: all of them are banned during text generation."""
+        import torch
+
+        return torch.tensor(sorted(self._code_to_id.values()), dtype=torch.long, device="cpu")
 
     def codes_to_tokens(self, codes: torch.Tensor) -> torch.Tensor:
         table = self.code_to_token.to(codes.device)

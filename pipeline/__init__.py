@@ -1,7 +1,40 @@
-"""Ray Data pipelines around chameleon_core: captioning and VQA evaluation over Parquet datasets."""
+"""Ray Data pipelines around chameleon_core: captioning and VQA evaluation over Parquet datasets.
 
-from pipeline.caption import build_caption_dataset, release_placement_groups, run_caption_job
-from pipeline.options import CaptionOptions, GenerationSettings, OptionsError
+Names are imported on first use (PEP 562): a Ray worker that unpickles a stage from `pipeline.units`
+or `pipeline.stages` then imports only that module's dependencies, not the whole job (and torch).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "build_caption_dataset": "caption",
+    "release_placement_groups": "caption",
+    "run_caption_job": "caption",
+    "CaptionOptions": "options",
+    "GenerationSettings": "options",
+    "OptionsError": "options",
+}
 
 __all__ = ["CaptionOptions", "GenerationSettings", "OptionsError", "build_caption_dataset",
            "release_placement_groups", "run_caption_job"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pipeline' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"pipeline.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+if TYPE_CHECKING:
+    from pipeline.caption import build_caption_dataset, release_placement_groups, run_caption_job
+    from pipeline.options import CaptionOptions, GenerationSettings, OptionsError

@@ -12,15 +12,17 @@ import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 
-from chameleon_core import ChameleonError, SamplingParams, TensorParallelError
-from chameleon_core.sampling import row_seed
+from chameleon_core.errors import ChameleonError, TensorParallelError
 from pipeline.storage import ImageResolver, ImageSourceError, StorageOptions
 from pipeline.units import SOURCE
+
+if TYPE_CHECKING:  # torch-free at import: the CPU preprocessing actors load this module too
+    from chameleon_core.sampling import SamplingParams
 
 # Columns added by the preprocessing stage and consumed by the generation stage.
 PROMPT_IDS, PIXELS, NUM_IMAGES, ERROR = "_prompt_ids", "_pixels", "_num_images", "error"
@@ -343,6 +345,8 @@ class GenerateStage:
         return result
 
     def _seeds(self, ids: list[Any]) -> list[int] | None:
+        from chameleon_core.sampling import row_seed
+
         if self.config.sampling.greedy:
             return None
         return [row_seed(self.config.sampling.seed, str(i)) for i in ids]

@@ -165,5 +165,11 @@ def _select_ranges(table: pa.Table, first_row: int, task: ReadTask, id_column: s
         yield part
 
 
+def read_tasks_batch(batch: pa.Table, columns: list[str], id_column: str | None, storage: StorageOptions):
+    """Ray Data map_batches function: the rows of each read task (a `read_task_dicts` row) in `batch`."""
+    for task in batch.to_pylist():
+        yield from read_task_rows(task, columns, id_column, storage)
+
+
 def read_task_dicts(tasks: list[ReadTask]) -> list[dict]:
     return [asdict(t) for t in tasks]

@@ -145,3 +145,63 @@ def test_build_caption_dataset_on_a_user_dataset(ray_local, tiny_ckpt, skimage_d
     assert errors[3].startswith("ImageDecodeError") and errors[0] is None
     assert all(isinstance(r["caption"], str) for r in out if r["id"] != 3)
     assert np.all([r["num_prompt_tokens"] for r in out if r["id"] != 3])
+
+
+_CPU_STAGES_SCRIPT = """
+import json, pickle, sys
+import pyarrow as pa
+from pipeline.units import read_tasks_batch
+from pipeline.stages import PreprocessStage
+
+config, tasks, columns = pickle.load(open(sys.argv[1], "rb"))
+stage = PreprocessStage(config)
+rows = []
+for table in read_tasks_batch(pa.Table.from_pylist(tasks), columns, config.id_column, config.storage):
+    out = stage(table)
+    for r in out.select(["id", "_prompt_ids", "_pixels", "error"]).to_pylist():
+        rows.append({"id": r["id"], "ids": r["_prompt_ids"], "pixels": (r["_pixels"] or b"").hex(), "error": r["error"]})
+print(json.dumps({"torch_imported": "torch" in sys.modules, "rows": rows}))
+"""
+
+
+def test_read_and_preprocessing_run_without_torch(tiny_ckpt, caption_data, tmp_path):
+    """The CPU stages in a fresh interpreter, as a Ray worker starts them: the job's own read tasks and
+    preprocessing config, real images and corrupt ones. They never import torch (seconds of CPU and
+    ~200 MiB per worker), and give what chameleon_core gives for each row."""
+    import pickle
+    import subprocess
+    import sys
+
+    from pipeline.caption import preprocess_config
+    from pipeline.options import resolve_device
+    from pipeline.units import describe_inputs, plan_reads, plan_units, read_task_dicts
+
+    files, expected = caption_data
+    options = resolve_device(_options(tiny_ckpt, files, tmp_path / "out"), [0.0])
+    storage = options.storage
+    inputs = describe_inputs([str(f) for f in files], storage)
+    tasks = read_task_dicts(plan_reads(inputs, plan_units(inputs, options.rows_per_file)))
+    (tmp_path / "args.pkl").write_bytes(pickle.dumps((preprocess_config(options), tasks, ["id", "image"])))
+    script = tmp_path / "cpu_stages.py"
+    script.write_text(_CPU_STAGES_SCRIPT)
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "args.pkl")], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parent.parent, timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["torch_imported"] is False
+    rows = {r["id"]: r for r in result["rows"]}
+    assert sorted(rows) == sorted(expected)
+
+    engine = ChameleonEngine.from_pretrained(tiny_ckpt)
+    resolver = ImageResolver(storage)
+    inputs_by_id = {r["id"]: (r["image"], str(f)) for f in files for r in pq.read_table(f).to_pylist()}
+    for row_id, outcome in expected.items():
+        row = rows[row_id]
+        if outcome != "ok":
+            assert row["error"] is not None and row["error"].startswith(outcome), (row_id, row["error"])
+            continue
+        assert row["error"] is None, (row_id, row["error"])
+        images = resolver.images(*inputs_by_id[row_id])
+        assert row["ids"] == engine.prompt_ids(options.prompt, len(images))
+        crops = b"".join(engine.processor.image_preprocessor.crop(b).tobytes() for b in images)
+        assert bytes.fromhex(row["pixels"]) == crops
