@@ -7,8 +7,9 @@ tokenizes prompts and crops images never pays for importing torch (seconds of CP
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from chameleon_core.lazy_exports import lazy_exports
 
 _EXPORTS = {
     "ChameleonConfig": "config",
@@ -49,18 +50,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'chameleon_core' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"chameleon_core.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
-
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
 
 if TYPE_CHECKING:
     from chameleon_core.config import ChameleonConfig, VQConfig

@@ -6,8 +6,9 @@ or `pipeline.stages` then imports only that module's dependencies, not the whole
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from chameleon_core.lazy_exports import lazy_exports
 
 _EXPORTS = {
     "build_caption_dataset": "caption",
@@ -21,19 +22,7 @@ _EXPORTS = {
 __all__ = ["CaptionOptions", "GenerationSettings", "OptionsError", "build_caption_dataset",
            "release_placement_groups", "run_caption_job"]
 
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'pipeline' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"pipeline.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
-
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
 
 if TYPE_CHECKING:
     from pipeline.caption import build_caption_dataset, release_placement_groups, run_caption_job
