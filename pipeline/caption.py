@@ -337,6 +337,24 @@ def _execute(options, files, pending, writer, id_generated, transform, log) -> _
     model_name = Path(options.model).name
     stats = _RunStats()
     start = time.perf_counter()
+    try:
+        _consume(ds, writer, by_index, model_name, transform, stats, log)
+    except Exception as exc:
+        failure = stage_start_failure(exc)
+        if failure is None:
+            raise
+        raise StageStartError(failure) from None
+    stats.wall = time.perf_counter() - start
+    if writer.pending:
+        raise RuntimeError(f"units never completed: {sorted(writer.pending)[:10]} (rows were lost in Ray Data)")
+    try:
+        stats.data_stats = ds.stats()
+    except Exception:  # stats are informative only
+        stats.data_stats = ""
+    return stats
+
+
+def _consume(ds, writer, by_index, model_name: str, transform, stats: _RunStats, log) -> None:
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         batch = batch.append_column("model", pa.array([model_name] * batch.num_rows, pa.string()))
         if transform is not None:
@@ -351,14 +369,34 @@ def _execute(options, files, pending, writer, id_generated, transform, log) -> _
         stats.vq_reused += sum(batch.column(VQ_REUSED).to_pylist())
         for unit in writer.add(batch, by_index):
             log(f"committed {by_index[unit].filename} ({by_index[unit].num_rows} rows)")
-    stats.wall = time.perf_counter() - start
-    if writer.pending:
-        raise RuntimeError(f"units never completed: {sorted(writer.pending)[:10]} (rows were lost in Ray Data)")
-    try:
-        stats.data_stats = ds.stats()
-    except Exception:  # stats are informative only
-        stats.data_stats = ""
-    return stats
+
+
+class StageStartError(RuntimeError):
+    """A stage's actors could not be constructed (e.g. the model failed to load on a worker): the job stops."""
+
+
+_STAGE_NAMES = {"GenerateStage": "generate", "PreprocessStage": "preprocessing"}
+
+
+def stage_start_failure(exc: BaseException) -> str | None:
+    """The message for Ray's report of an actor whose constructor raised (`exc` or what it wraps):
+    "the <stage> stage could not start: <the constructor's error>". None for any other failure.
+
+    Ray passes the constructor's exception on as text only (a remote traceback), whose last line is
+    the exception itself, e.g. a CheckpointError naming the file and tensor.
+    """
+    import re
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if getattr(exc, "actor_init_failed", False):
+            text = re.sub(r"\x1b\[[0-9;]*m", "", getattr(exc, "error_msg", "") or str(exc))
+            lines = [line.strip() for line in text.splitlines() if line.strip()]
+            stage = next((name for cls, name in _STAGE_NAMES.items() if cls in text), "a pipeline")
+            return f"the {stage} stage could not start: {lines[-1] if lines else type(exc).__name__}"
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _summary(options, units, done, writer, stats: _RunStats, wall: float) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from pipeline.options import DEFAULT_PROMPT, CaptionOptions, GenerationSettings,
 from pipeline.storage import StorageOptions
 
 EXIT_BAD_INPUT = 2
+EXIT_FAILED = 1
 
 
 def add_model_and_data_flags(parser: argparse.ArgumentParser, prompt_help: str, default_prompt: str,
@@ -102,12 +103,18 @@ def options_from_args(args: argparse.Namespace, **overrides: Any) -> CaptionOpti
 
 
 def exit_on_bad_input(main: Callable[[], int]) -> int:
-    """Run `main`; an OptionsError prints its message and exits with code 2 (nothing was written)."""
+    """Run `main`; an OptionsError prints its message and exits with code 2 (nothing was written), a
+    stage that could not start prints its cause and exits with code 1 (committed units stay resumable)."""
+    from pipeline.caption import StageStartError
+
     try:
         return main()
     except OptionsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except StageStartError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
 
 
-__all__ = ["DEFAULT_PROMPT", "EXIT_BAD_INPUT", "add_model_and_data_flags", "exit_on_bad_input", "options_from_args"]
+__all__ = ["DEFAULT_PROMPT", "EXIT_BAD_INPUT", "EXIT_FAILED", "add_model_and_data_flags", "exit_on_bad_input", "options_from_args"]

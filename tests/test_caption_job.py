@@ -227,3 +227,32 @@ def test_invalid_flags_exit_2_and_write_nothing(invalid_runs, case):
     assert not (work / case).exists(), f"left behind: {list((work / case).rglob('*'))}"
     assert sorted(p.name for p in work.iterdir()) == ["a_file", "nosafetensors", "notokenizer"]
     assert (work / "a_file").read_text() == "not a folder"
+
+
+# -- 4. a model that passes the up-front checks but cannot load in the generate actor ----------------------
+
+
+def test_a_model_that_fails_to_load_in_the_actor_fails_the_job(tiny_ckpt, caption_data, tmp_path):
+    """The driver checks the model folder (config, weight files, tokenizer) but never reads every tensor,
+    so a weight file missing a tensor only fails inside the generate actor's constructor, as a folder
+    that differs on a worker node would. The job must then exit with that cause, not wait for an actor
+    that can never start."""
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_ckpt, broken)
+    tensors = load_file(broken / "model.safetensors")
+    del tensors["lm_head.weight"]
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    files, _ = caption_data
+    out = tmp_path / "out"
+    args = ["--model", broken, "--input", files[0].parent, "--output", out, "--device", "cpu",
+            "--max-new-tokens", "4", "--batch-size", "4"]
+    with JobProcess(args, tmp_path / "job.log") as job:
+        rc = job.wait(timeout=240)
+        log = job.log()
+    assert rc == 1, log[-6000:]
+    last = log.strip().splitlines()[-1]
+    assert last.startswith("error: the generate stage could not start"), log[-6000:]
+    assert "missing tensor(s) lm_head.weight" in last and str(broken) in last, last
+    assert not list(out.glob("part-*.parquet")) and not list(out.glob(".tmp-*"))
