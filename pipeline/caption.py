@@ -245,7 +245,6 @@ def run_caption_job(
         files = describe_inputs(uris, options.storage)
     except StorageError as exc:
         raise OptionsError(str(exc)) from None
-    first = files[0]
     for f in files:
         check_columns(list(f.columns), options, f.uri)
     has_id = [options.id_column in f.columns for f in files]
@@ -257,23 +256,19 @@ def run_caption_job(
         log(f"no '{options.id_column}' column: ids are '<file name>:<row index>'")
         options = replace(options, id_column="id")
 
+    units = plan_units(files, options.rows_per_file, options.limit)
     if _starts_local_ray():
-        # The local cluster started below gets the GPUs torch sees here: refuse --device cuda (or a
-        # --tp above them) now rather than after starting Ray.
-        resolve_device(options, [float(_local_gpus())], where="this machine (no RAY_ADDRESS cluster)")
+        # The local cluster started below gets the GPUs torch sees here, so the device resolves now:
+        # --device cuda without a GPU, a --tp above them, or a resume with other settings is refused
+        # before Ray starts.
+        local = resolve_device(options, [float(_local_gpus())], where="this machine (no RAY_ADDRESS cluster)")
+        writer, manifest = _writer(local, files, units, id_generated, output_fields, extra_settings)
+        writer.refuse_changed(manifest, options.force)
     ensure_ray(num_cpus)
     options = resolve_device(options, gpus_per_node())
 
-    units = plan_units(files, options.rows_per_file, options.limit)
-    input_schema = _input_schema(first, options)
-    schema = output_schema(input_schema, options.id_column, id_generated, options.keep_columns,
-                           options.save_token_ids)
-    if output_fields is not None:
-        schema = output_fields(schema)
-    settings = {**options.job_settings(), **extra_settings}
-    metadata = {"chameleon.settings": json.dumps(settings, sort_keys=True)}
-    writer = UnitWriter(options.output, options.storage, schema, metadata)
-    done = writer.prepare(_manifest(options, files, units, extra_settings), options.force)
+    writer, manifest = _writer(options, files, units, id_generated, output_fields, extra_settings)
+    done = writer.prepare(manifest, options.force)
     pending = [u for u in units if u.index not in done]
     log(f"{len(units)} units ({sum(u.num_rows for u in units)} rows) from {len(files)} file(s); "
         f"{len(done)} already committed, {len(pending)} to do; device={options.resolved_device} "
@@ -288,6 +283,18 @@ def run_caption_job(
     summary = _summary(options, units, done, writer, stats, time.perf_counter() - started)
     writer.write_json(SUMMARY, summary)
     return summary
+
+
+def _writer(options: CaptionOptions, files, units, id_generated: bool, output_fields, extra_settings):
+    """The output's writer and the manifest a resumed run must match, for device-resolved `options`."""
+    schema = output_schema(_input_schema(files[0], options), options.id_column, id_generated,
+                           options.keep_columns, options.save_token_ids)
+    if output_fields is not None:
+        schema = output_fields(schema)
+    settings = {**options.job_settings(), **extra_settings}
+    metadata = {"chameleon.settings": json.dumps(settings, sort_keys=True)}
+    writer = UnitWriter(options.output, options.storage, schema, metadata)
+    return writer, _manifest(options, files, units, extra_settings)
 
 
 def _input_schema(first, options: CaptionOptions) -> pa.Schema:

@@ -82,6 +82,26 @@ class UnitWriter:
             if name.startswith(("part-", ".tmp-")) or name in (MANIFEST, SUMMARY):
                 self.fs.rm(path)
 
+    def refuse_changed(self, manifest: dict[str, Any], force: bool) -> dict[str, Any] | None:
+        """Raise OptionsError when the output holds a run with other settings or inputs (unless `force`);
+        return the previous manifest. Only reads, so the job can call it before it starts any work."""
+        previous = self.read_manifest()
+        if previous is not None and previous != manifest and not force:
+            changed = sorted(k for k in set(previous) | set(manifest) if previous.get(k) != manifest.get(k))
+            details = []
+            for key in changed:
+                if key == "settings":
+                    sub = sorted(k for k in set(previous[key]) | set(manifest[key])
+                                 if previous[key].get(k) != manifest[key].get(k))
+                    details.extend(f"settings.{k}" for k in sub)
+                else:
+                    details.append(key)
+            raise OptionsError(
+                f"--output {self.output} holds a run with different {', '.join(details)}; "
+                "use a new --output, or --force to delete that output and start again"
+            )
+        return previous
+
     def prepare(self, manifest: dict[str, Any], force: bool) -> set[int]:
         """Return the units already committed by an identical earlier run (resume), or start afresh.
 
@@ -90,24 +110,8 @@ class UnitWriter:
         """
         if not self.remote:
             os.makedirs(self.root, exist_ok=True)
-        previous = self.read_manifest()
-        if previous is not None and previous != manifest:
-            if not force:
-                changed = sorted(k for k in set(previous) | set(manifest) if previous.get(k) != manifest.get(k))
-                details = []
-                for key in changed:
-                    if key == "settings":
-                        sub = sorted(k for k in set(previous[key]) | set(manifest[key])
-                                     if previous[key].get(k) != manifest[key].get(k))
-                        details.extend(f"settings.{k}" for k in sub)
-                    else:
-                        details.append(key)
-                raise OptionsError(
-                    f"--output {self.output} holds a run with different {', '.join(details)}; "
-                    "use a new --output, or --force to delete that output and start again"
-                )
-            self.clear()
-        elif previous is None and force:
+        previous = self.refuse_changed(manifest, force)
+        if previous != manifest and (previous is not None or force):
             self.clear()
         done = self.committed_units() if previous == manifest else set()
         self.write_json(MANIFEST, manifest)

@@ -168,8 +168,11 @@ def test_resume_with_changed_settings_is_refused_unless_forced(tiny_ckpt, captio
     assert first.num_rows == 10 and max(n or 0 for n in first.column("num_generated_tokens").to_pylist()) == 4
 
     changed = _args(tiny_ckpt, files[0], out, "--max-new-tokens", 6, *common)
-    rc, log = run_job(changed, tmp_path / "run2.log")
+    with JobProcess(changed, tmp_path / "run2.log") as job:
+        rc, log = job.wait(120), job.log()
+        ray_started = any(Path(job.ray_tmp).iterdir())
     assert rc == 2, log[-6000:]
+    assert not ray_started, "a resume with other settings is refused before Ray starts"
     message = log.strip().splitlines()[-1]
     assert message.startswith("error: --output") and "settings.generation" in message and "--force" in message
     assert "settings.limit" not in message and "settings.rows_per_file" not in message
