@@ -43,14 +43,20 @@ def machine() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()} ({os.cpu_count()} CPU cores)"
     cpu = platform.processor() or platform.machine()
+    isa = ""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        info = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines() if ":" in line)
+        info = {k.strip(): v.strip() for k, v in info.items()}
+        cpu = info.get("model name", cpu)
+        # Cloud CPUs often report one model name for several generations; the vector ISA and the
+        # family/model say which one ran (e.g. AVX2-only Zen 3 vs AVX-512 Zen 4 differ 2x in fp32 GEMM).
+        flags = set(info.get("flags", "").split())
+        vector = next((f for f in ("avx512f", "avx2", "avx") if f in flags), None)
+        if vector:
+            isa = f" ({vector}, family {info.get('cpu family', '?')} model {info.get('model', '?')})"
     except OSError:
         pass
-    return f"CPU {cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+    return f"CPU {cpu}{isa}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
 
 
 class PeakRSS:
