@@ -45,8 +45,8 @@ def machine() -> str:
     cpu = platform.processor() or platform.machine()
     isa = ""
     try:
-        info = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines() if ":" in line)
-        info = {k.strip(): v.strip() for k, v in info.items()}
+        fields = (line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines() if ":" in line)
+        info = {key.strip(): value.strip() for key, value in fields}
         cpu = info.get("model name", cpu)
         # Cloud CPUs often report one model name for several generations; the vector ISA and the
         # family/model say which one ran (e.g. AVX2-only Zen 3 vs AVX-512 Zen 4 differ 2x in fp32 GEMM).

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 import warnings
@@ -257,17 +258,18 @@ def run_caption_job(
         options = replace(options, id_column="id")
 
     units = plan_units(files, options.rows_per_file, options.limit)
+    input_schema = _input_schema(files[0], options)
     if _starts_local_ray():
         # The local cluster started below gets the GPUs torch sees here, so the device resolves now:
         # --device cuda without a GPU, a --tp above them, or a resume with other settings is refused
         # before Ray starts.
         local = resolve_device(options, [float(_local_gpus())], where="this machine (no RAY_ADDRESS cluster)")
-        writer, manifest = _writer(local, files, units, id_generated, output_fields, extra_settings)
+        writer, manifest = _writer(local, files, units, input_schema, id_generated, output_fields, extra_settings)
         writer.refuse_changed(manifest, options.force)
     ensure_ray(num_cpus)
     options = resolve_device(options, gpus_per_node())
 
-    writer, manifest = _writer(options, files, units, id_generated, output_fields, extra_settings)
+    writer, manifest = _writer(options, files, units, input_schema, id_generated, output_fields, extra_settings)
     done = writer.prepare(manifest, options.force)
     pending = [u for u in units if u.index not in done]
     log(f"{len(units)} units ({sum(u.num_rows for u in units)} rows) from {len(files)} file(s); "
@@ -285,10 +287,11 @@ def run_caption_job(
     return summary
 
 
-def _writer(options: CaptionOptions, files, units, id_generated: bool, output_fields, extra_settings):
+def _writer(options: CaptionOptions, files, units, input_schema: pa.Schema, id_generated: bool, output_fields,
+            extra_settings):
     """The output's writer and the manifest a resumed run must match, for device-resolved `options`."""
-    schema = output_schema(_input_schema(files[0], options), options.id_column, id_generated,
-                           options.keep_columns, options.save_token_ids)
+    schema = output_schema(input_schema, options.id_column, id_generated, options.keep_columns,
+                           options.save_token_ids)
     if output_fields is not None:
         schema = output_fields(schema)
     settings = {**options.job_settings(), **extra_settings}
@@ -392,8 +395,6 @@ def stage_start_failure(exc: BaseException) -> str | None:
     Ray passes the constructor's exception on as text only (a remote traceback), whose last line is
     the exception itself, e.g. a CheckpointError naming the file and tensor.
     """
-    import re
-
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
